@@ -1,0 +1,183 @@
+"""The admin plane: health, readiness, routes, services, config and metrics.
+
+Served on the admin listener, or under ``/_/`` on the data port when the gateway runs
+as a plain ASGI app. Not on the hot path, so Starlette keeps it short. When
+``admin.auth`` is configured every endpoint except liveness and readiness (which
+orchestrators probe without credentials) requires HTTP basic auth.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from typing import Any
+
+import bcrypt
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from gateway.routing.table import Route as TableRoute
+from gateway.runtime import Gateway
+
+OPEN_PATHS = frozenset({"/_/health", "/_/ready"})
+
+
+def route_view(route: TableRoute) -> dict[str, Any]:
+    """A route as the admin API and ``octopus routes --json`` show it."""
+    return {
+        "name": route.name,
+        "source": route.source,
+        "methods": sorted(route.methods) if route.methods else [],
+        "host": route.host,
+        "path": route.path,
+        "upstream": route.upstream_name,
+        "priority": route.priority,
+    }
+
+
+def routes_document(gateway: Gateway) -> dict[str, Any]:
+    table = gateway.table
+    routes = sorted(table.routes, key=lambda r: r.order)
+    return {"routes": [route_view(r) for r in routes], "conflicts": list(table.conflicts)}
+
+
+def services_document(gateway: Gateway) -> dict[str, Any]:
+    upstreams = []
+    for upstream in gateway.table.upstreams.values():
+        upstreams.append(
+            {
+                "name": upstream.name,
+                "load_balance": upstream.load_balance,
+                "endpoints": [
+                    {
+                        "url": endpoint.url,
+                        "address": endpoint.address.address,
+                        "weight": endpoint.weight,
+                        "healthy": endpoint.healthy,
+                        "breaker": "closed",
+                        "in_flight": endpoint.in_flight,
+                        "ewma_ms": round(endpoint.ewma_ms, 3),
+                        "ejected": False,
+                    }
+                    for endpoint in upstream.endpoints
+                ],
+            }
+        )
+    return {"upstreams": upstreams, "discovery": list(gateway.discovery_state)}
+
+
+class AdminAuth:
+    """Basic auth against a bcrypt hash; verified credentials are remembered by digest,
+    because bcrypt is deliberately slow and dashboards poll."""
+
+    def __init__(self, app: Any, username: str, password_hash: str) -> None:
+        self.app = app
+        self.username = username
+        self.password_hash = password_hash.encode()
+        self._verified: set[bytes] = set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or _admin_path(scope) in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self._authorised(scope):
+            await self.app(scope, receive, send)
+            return
+        response = JSONResponse(
+            {"error": "unauthorized", "message": "admin credentials required"},
+            status_code=401,
+            headers={"WWW-Authenticate": 'Basic realm="octopus-admin"'},
+        )
+        await response(scope, receive, send)
+
+    def _authorised(self, scope: Scope) -> bool:
+        for name, value in scope["headers"]:
+            if name == b"authorization" and value[:6].lower() == b"basic ":
+                try:
+                    decoded = base64.b64decode(value[6:].strip(), validate=True)
+                except (binascii.Error, ValueError):
+                    return False
+                user, _, password = decoded.partition(b":")
+                if user.decode("utf-8", "replace") != self.username:
+                    return False
+                digest = hashlib.sha256(decoded).digest()
+                if digest in self._verified:
+                    return True
+                try:
+                    ok = bcrypt.checkpw(password, self.password_hash)
+                except ValueError:
+                    return False
+                if ok:
+                    self._verified.add(digest)
+                return ok
+        return False
+
+
+def _admin_path(scope: Scope) -> str:
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return path
+
+
+def create_admin_app(gateway: Gateway) -> Any:
+    """The admin ASGI app for ``gateway``."""
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        if gateway.ready and not gateway.draining:
+            return JSONResponse({"status": "ready", "routes": len(gateway.table.routes)})
+        state = "draining" if gateway.draining else "starting"
+        return JSONResponse({"status": state}, status_code=503)
+
+    async def routes(request: Request) -> Response:
+        return JSONResponse(routes_document(gateway))
+
+    async def services(request: Request) -> Response:
+        return JSONResponse(services_document(gateway))
+
+    async def config(request: Request) -> Response:
+        return JSONResponse(gateway.settings.redacted())
+
+    async def metrics(request: Request) -> Response:
+        return Response(gateway.metrics.exposition(), media_type=gateway.metrics.content_type)
+
+    async def index(request: Request) -> Response:
+        return JSONResponse(
+            {
+                "name": "octopus",
+                "endpoints": [
+                    "/_/health",
+                    "/_/ready",
+                    "/_/routes",
+                    "/_/services",
+                    "/_/config",
+                    metrics_path,
+                ],
+            }
+        )
+
+    metrics_path = gateway.settings.observability.metrics.path or "/metrics"
+    routes_list = [
+        Route("/_/", index),
+        Route("/_/health", health),
+        Route("/_/ready", ready),
+        Route("/_/routes", routes),
+        Route("/_/services", services),
+        Route("/_/config", config),
+        Route(metrics_path, metrics),
+    ]
+    if metrics_path != "/metrics":
+        routes_list.append(Route("/metrics", metrics))
+    app: Any = Starlette(routes=routes_list)
+    auth = gateway.settings.admin.auth
+    if auth is not None:
+        app = AdminAuth(app, auth.username, auth.password_hash)
+    return app

@@ -1,0 +1,228 @@
+"""The ASGI entry points: ``app`` (for ``uvicorn gateway.asgi:app``) and ``create_app``.
+
+``app`` is created on first access from ``OCTOPUS_CONFIG`` (or the embedded default), so
+importing this module costs nothing. ``create_app`` accepts a settings object, a dict
+of the YAML shape, or a file path; the result also works mounted inside Starlette or
+FastAPI (``Mount("/api", app=create_app(...))``): paths are matched below ``root_path``
+and background work starts on the first request when no lifespan reaches it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import time
+from typing import Any
+from urllib.parse import quote
+
+from gateway.errors import send_error
+from gateway.observability.metrics import UNMATCHED
+from gateway.proxy.http import HttpProxy, ResponseAborted, make_request_id
+from gateway.routing.table import NoMatch
+from gateway.runtime import Gateway
+from gateway.types import ASGIApp, Receive, Scope, Send
+
+log = logging.getLogger("octopus")
+access_log = logging.getLogger("octopus.access")
+
+ADMIN_PREFIXES = ("/_/", "/_farp/")
+
+
+class GatewayApp:
+    """The data-plane ASGI application."""
+
+    def __init__(self, gateway: Gateway, *, serve_admin: bool = True) -> None:
+        self.gateway = gateway
+        settings = gateway.settings
+        self.proxy = HttpProxy(
+            max_body_size=settings.server.max_body_size,
+            trusted_proxies=gateway.trusted_proxies,
+        )
+        self.metrics = gateway.metrics
+        self.access_log = bool(settings.observability.logging.access_log)
+        self.serve_admin = serve_admin
+        self._admin: ASGIApp | None = None
+        metrics = settings.observability.metrics
+        self.metrics_path = metrics.path if metrics.enabled else None
+
+    @property
+    def settings(self) -> Any:
+        return self.gateway.settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self.handle_http(scope, receive, send)
+        elif kind == "websocket":
+            await self.handle_websocket(scope, receive, send)
+        elif kind == "lifespan":
+            await self.handle_lifespan(receive, send)
+
+    async def handle_lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.gateway.startup()
+                except Exception as exc:
+                    log.exception("gateway failed to start")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.gateway.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def handle_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """WebSocket proxying arrives with the protocols work; until then refuse cleanly."""
+        await send({"type": "websocket.close", "code": 1003, "reason": "not supported yet"})
+
+    async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gateway = self.gateway
+        if not gateway.started:
+            await gateway.startup()
+        path, raw_path = _route_paths(scope)
+        if self.serve_admin and (path.startswith(ADMIN_PREFIXES) or path == self.metrics_path):
+            await self._serve_admin(scope, receive, send)
+            return
+        started = time.perf_counter()
+        method = scope["method"]
+        headers = scope["headers"]
+        request_id = make_request_id(headers)
+        metrics = self.metrics
+        metrics.active_connections.inc()
+        route_label = UNMATCHED
+        status = 500
+        upstream_name = ""
+        try:
+            found = gateway.table.match(method, path, headers, scope.get("query_string", b""))
+            if isinstance(found, NoMatch):
+                if found.allow:
+                    status = 405
+                    await send_error(
+                        send,
+                        405,
+                        f"method {method} is not allowed for {path}",
+                        request_id,
+                        headers=[(b"allow", ", ".join(found.allow).encode())],
+                    )
+                else:
+                    status = 404
+                    await send_error(send, 404, f"no route for {path}", request_id)
+                return
+            route = found.route
+            route_label = route.path
+            upstream_name = route.upstream_name
+            if route.upstream is None:
+                status = 503
+                await send_error(
+                    send, 503, f"upstream {route.upstream_name!r} is not available", request_id
+                )
+                return
+            if route.strip_prefix or route.rewrite or route.add_prefix:
+                upstream_path = route.forward_path(raw_path.decode("latin-1")).encode("latin-1")
+            else:
+                upstream_path = raw_path
+            outcome = await self.proxy.forward(
+                scope, receive, send, route, upstream_path, request_id
+            )
+            status = outcome.status
+            if outcome.upstream_status is not None:
+                metrics.observe_upstream(upstream_name, outcome.upstream_status)
+            elif outcome.endpoint is not None:
+                metrics.observe_upstream(upstream_name, "error")
+        except ResponseAborted as exc:
+            status = 502
+            log.warning("response aborted", extra={"request_id": request_id, "reason": str(exc)})
+            raise
+        except Exception:
+            log.exception("unexpected error", extra={"request_id": request_id})
+            status = 500
+            try:
+                await send_error(send, 500, "internal gateway error", request_id)
+            except Exception:
+                raise ResponseAborted("internal gateway error after the response started") from None
+        finally:
+            metrics.active_connections.dec()
+            elapsed = time.perf_counter() - started
+            metrics.observe_request(method, status, route_label, elapsed)
+            if self.access_log:
+                access_log.info(
+                    "request",
+                    extra={
+                        "request_id": request_id,
+                        "method": method,
+                        "path": path,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 3),
+                        "route": route_label,
+                        "upstream": upstream_name,
+                        "client": (scope.get("client") or ("",))[0],
+                    },
+                )
+
+    async def _serve_admin(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._admin is None:
+            from app.admin import create_admin_app
+
+            self._admin = create_admin_app(self.gateway)
+        await self._admin(scope, receive, send)
+
+
+def _route_paths(scope: Scope) -> tuple[str, bytes]:
+    """The decoded path to match and the raw path to forward, both below ``root_path``.
+
+    Dot segments are resolved (``/a/../b`` → ``/b``) so that a path cannot match one
+    route and reach another resource upstream.
+    """
+    path: str = scope["path"]
+    raw: bytes = scope.get("raw_path") or path.encode("utf-8")
+    root = scope.get("root_path", "")
+    if root:
+        if path.startswith(root):
+            path = path[len(root) :]
+        root_raw = root.encode("utf-8")
+        if raw.startswith(root_raw):
+            raw = raw[len(root_raw) :]
+    if not path:
+        path = "/"
+    if not raw:
+        raw = b"/"
+    if "/." in path or b"%2e" in raw.lower():
+        normalised = posixpath.normpath(path)
+        if normalised.startswith("//"):
+            normalised = "/" + normalised.lstrip("/")
+        if path.endswith("/") and normalised != "/":
+            normalised += "/"
+        if normalised != path:
+            path = normalised
+            raw = quote(normalised, safe="/:@!$&'()*+,;=-._~%").encode("ascii")
+    return path, raw
+
+
+def create_app(source: Any = None, *, serve_admin: bool = True) -> GatewayApp:
+    """Build the gateway ASGI app from settings, a dict, a file path, or None (default)."""
+    from settings import load_settings
+
+    settings = load_settings(source)
+    return GatewayApp(Gateway(settings), serve_admin=serve_admin)
+
+
+_app: GatewayApp | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """``gateway.asgi.app`` is built lazily from ``OCTOPUS_CONFIG`` on first access."""
+    global _app
+    if name == "app":
+        if _app is None:
+            from gateway.observability.logging import configure_logging
+            from settings import load_settings
+
+            settings = load_settings(os.environ.get("OCTOPUS_CONFIG") or None)
+            configure_logging(settings)
+            _app = GatewayApp(Gateway(settings), serve_admin=True)
+        return _app
+    raise AttributeError(name)

@@ -1,0 +1,417 @@
+"""Forwarding one HTTP request to its upstream and streaming the answer back.
+
+The request body goes upstream chunk by chunk as the client sends it; the response
+goes to the client chunk by chunk as the upstream sends it. Nothing buffers a whole
+body. Retries happen only while nothing irreversible has happened: the connection
+could not be made, or a reused keep-alive connection died before answering a request
+whose body was not consumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+
+from gateway.errors import send_error
+from gateway.proxy.headers import TrustedProxies, build_request_head, filter_response_headers
+from gateway.routing.table import Route
+from gateway.types import Receive, Scope, Send
+from gateway.upstream.errors import ConnectFailed, UpstreamError, UpstreamTimeout
+from gateway.upstream.http1 import H1Connection
+from gateway.upstream.upstream import Endpoint, Upstream
+
+log = logging.getLogger("octopus.proxy")
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+#: Bodies up to this size are read before connecting, so the request can be replayed.
+REPLAYABLE_BODY = 64 * 1024
+_MAX_REQUEST_ID = 200
+
+
+class ResponseAborted(Exception):
+    """The upstream failed after the response started: the client connection must drop.
+
+    Raised out of the ASGI app on purpose: the server then closes the connection, which
+    is the only honest way to tell an HTTP/1.1 client that a body is incomplete.
+    """
+
+
+class BadRequest(Exception):
+    """A request the gateway refuses before contacting any upstream."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened, for metrics and the access log."""
+
+    status: int
+    upstream_status: int | None = None
+    endpoint: Endpoint | None = None
+
+
+class HttpProxy:
+    """Forwards HTTP requests that matched a route."""
+
+    def __init__(self, *, max_body_size: int, trusted_proxies: TrustedProxies) -> None:
+        self.max_body_size = max_body_size
+        self.trusted = trusted_proxies
+
+    async def forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        route: Route,
+        upstream_path: bytes,
+        request_id: str,
+    ) -> Outcome:
+        method: str = scope["method"]
+        headers = scope["headers"]
+        try:
+            content_length, chunked = self._body_framing(headers, scope)
+        except BadRequest as exc:
+            await send_error(send, exc.status, str(exc), request_id)
+            return Outcome(exc.status)
+        if content_length is not None and content_length > self.max_body_size:
+            await send_error(
+                send,
+                413,
+                f"request body of {content_length} bytes exceeds the limit of "
+                f"{self.max_body_size} bytes",
+                request_id,
+                headers=[(b"connection", b"close")],
+            )
+            return Outcome(413)
+
+        upstream = route.upstream
+        assert upstream is not None
+        policy = upstream.policy
+        timeout = route.timeout if route.timeout is not None else policy.timeout
+        retries = route.retries if route.retries is not None else policy.retries
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout if timeout is not None else None
+
+        # Small bodies are read first so that a failed connect can be retried.
+        has_body = chunked or (content_length is not None and content_length > 0)
+        body: bytes | None = b""
+        more_body = False
+        if has_body:
+            first = await receive()
+            if first["type"] == "http.disconnect":
+                return Outcome(499)
+            body = first.get("body", b"")
+            more_body = first.get("more_body", False)
+            if len(body) > self.max_body_size:
+                await self._too_large(send, request_id)
+                return Outcome(413)
+
+        query = scope.get("query_string", b"")
+        target = upstream_path + b"?" + query if query else upstream_path
+        client = scope.get("client")
+        client_ip = client[0] if client else "unknown"
+        if more_body:
+            framing = b"transfer-encoding: chunked"
+            streaming = True
+        elif has_body:
+            framing = b"content-length: " + str(len(body)).encode()
+            streaming = False
+        else:
+            framing = None
+            streaming = False
+        rid = request_id.encode()
+        tried: list[Endpoint] = []
+        attempts = 1 + max(retries, 0)
+        for attempt in range(attempts):
+            try:
+                endpoint = upstream.pick(tried)
+            except UpstreamError as exc:
+                await send_error(send, exc.status, str(exc), request_id)
+                return Outcome(exc.status)
+            tried.append(endpoint)
+            head = build_request_head(
+                method.encode(),
+                target,
+                endpoint.host_header,
+                headers,
+                client_ip=client_ip,
+                scheme=scope.get("scheme", "http"),
+                request_id=rid,
+                trusted=bool(self.trusted) and self.trusted.trusts(client_ip),
+                body_framing=framing,
+            )
+            try:
+                return await self._exchange(
+                    scope,
+                    receive,
+                    send,
+                    upstream,
+                    endpoint,
+                    head,
+                    body,
+                    streaming,
+                    more_body,
+                    deadline,
+                    request_id,
+                )
+            except _Retry as retry:
+                if attempt + 1 >= attempts or (deadline is not None and loop.time() >= deadline):
+                    await send_error(send, retry.error.status, str(retry.error), request_id)
+                    return Outcome(retry.error.status, endpoint=endpoint)
+                log.debug("retrying %s %s after %s", method, route.name, retry.error)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _exchange(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        upstream: Upstream,
+        endpoint: Endpoint,
+        head: bytes,
+        body: bytes,
+        streaming: bool,
+        more_body: bool,
+        deadline: float | None,
+        request_id: str,
+    ) -> Outcome:
+        loop = asyncio.get_running_loop()
+        policy = upstream.policy
+        method = scope["method"]
+        pool = endpoint.pool
+        connect_timeout = _remaining(deadline, loop, policy.connect_timeout)
+        try:
+            conn, reused = await pool.acquire(connect_timeout)
+        except ConnectFailed as exc:
+            raise _Retry(exc) from None
+        except UpstreamError as exc:
+            await send_error(send, exc.status, str(exc), request_id)
+            return Outcome(exc.status, endpoint=endpoint)
+
+        endpoint.in_flight += 1
+        started = loop.time()
+        try:
+            return await self._run(
+                scope,
+                receive,
+                send,
+                conn,
+                method,
+                head,
+                body,
+                streaming,
+                more_body,
+                deadline,
+                policy.read_timeout,
+                request_id,
+                reused,
+                endpoint,
+            )
+        finally:
+            endpoint.in_flight -= 1
+            elapsed_ms = (loop.time() - started) * 1000.0
+            endpoint.ewma_ms = (
+                elapsed_ms if not endpoint.ewma_ms else (0.8 * endpoint.ewma_ms + 0.2 * elapsed_ms)
+            )
+            pool.release(conn)
+
+    async def _run(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        conn: H1Connection,
+        method: str,
+        head: bytes,
+        body: bytes,
+        streaming: bool,
+        more_body: bool,
+        deadline: float | None,
+        read_timeout: float | None,
+        request_id: str,
+        reused: bool,
+        endpoint: Endpoint,
+    ) -> Outcome:
+        loop = asyncio.get_running_loop()
+        head_only = method == "HEAD"
+        if streaming:
+            conn.start(head + (_chunk(body) if body else b""), head_only=head_only)
+            sent = len(body)
+            outcome = await self._stream_body(receive, send, conn, sent, more_body, request_id)
+            if outcome is not None:
+                return outcome
+        else:
+            conn.start(head + body if body else head, head_only=head_only)
+
+        try:
+            status, upstream_headers = await conn.read_head(_remaining(deadline, loop, None))
+        except UpstreamError as exc:
+            if (
+                reused
+                and not conn.received_any
+                and not streaming
+                and method in IDEMPOTENT
+                and not isinstance(exc, UpstreamTimeout)
+            ):
+                # A keep-alive connection the upstream had just closed: nothing was acted on.
+                raise _Retry(exc) from None
+            conn.abort()
+            await send_error(send, exc.status, str(exc), request_id)
+            return Outcome(exc.status, endpoint=endpoint)
+
+        rid = request_id.encode()
+        response_headers = filter_response_headers(upstream_headers, rid)
+        if conn.complete or head_only:
+            data, _ = await conn.read_body(read_timeout) if not head_only else (b"", False)
+            await send(
+                {"type": "http.response.start", "status": status, "headers": response_headers}
+            )
+            await send({"type": "http.response.body", "body": data, "more_body": False})
+            return Outcome(status, status, endpoint)
+
+        await send({"type": "http.response.start", "status": status, "headers": response_headers})
+        watcher = asyncio.ensure_future(_watch_disconnect(receive, conn))
+        try:
+            more = True
+            while more:
+                try:
+                    data, more = await conn.read_body(read_timeout)
+                except UpstreamError as exc:
+                    if watcher.done():
+                        return Outcome(499, status, endpoint)  # the client left first
+                    raise ResponseAborted(f"upstream failed mid-response: {exc}") from None
+                if data or not more:
+                    await send({"type": "http.response.body", "body": data, "more_body": more})
+            return Outcome(status, status, endpoint)
+        finally:
+            watcher.cancel()
+
+    async def _stream_body(
+        self,
+        receive: Receive,
+        send: Send,
+        conn: H1Connection,
+        sent: int,
+        more_body: bool,
+        request_id: str,
+    ) -> Outcome | None:
+        """Send the rest of a streamed request body; an Outcome means: stop here."""
+        limit = self.max_body_size
+        while more_body:
+            if conn.head_received or conn.closed:
+                # The upstream answered (or hung up) before reading everything.
+                conn.keep_alive = False
+                return None
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                conn.abort()
+                return Outcome(499)
+            chunk = message.get("body", b"")
+            more_body = message.get("more_body", False)
+            sent += len(chunk)
+            if sent > limit:
+                conn.abort()
+                await self._too_large(send, request_id)
+                return Outcome(413)
+            if chunk:
+                conn.write(_chunk(chunk))
+            try:
+                await conn.drain()
+            except UpstreamError:
+                conn.keep_alive = False
+                return None  # read_head reports what the upstream said or why it failed
+        conn.write(b"0\r\n\r\n")
+        return None
+
+    async def _too_large(self, send: Send, request_id: str) -> None:
+        await send_error(
+            send,
+            413,
+            f"request body exceeds the limit of {self.max_body_size} bytes",
+            request_id,
+            headers=[(b"connection", b"close")],
+        )
+
+    def _body_framing(
+        self, headers: list[tuple[bytes, bytes]], scope: Scope
+    ) -> tuple[int | None, bool]:
+        """Content length and chunkedness; refuse the shapes used for request smuggling."""
+        content_length: int | None = None
+        transfer_encoding: bytes | None = None
+        for name, value in headers:
+            if name == b"content-length":
+                text = value.strip()
+                if not text.isdigit():
+                    raise BadRequest(400, "invalid Content-Length")
+                length = int(text)
+                if content_length is not None and content_length != length:
+                    raise BadRequest(400, "conflicting Content-Length headers")
+                content_length = length
+            elif name == b"transfer-encoding":
+                if transfer_encoding is not None:
+                    raise BadRequest(400, "repeated Transfer-Encoding header")
+                transfer_encoding = value
+        if transfer_encoding is not None:
+            if content_length is not None:
+                raise BadRequest(400, "both Content-Length and Transfer-Encoding are present")
+            if transfer_encoding.strip().lower() != b"chunked":
+                raise BadRequest(400, "unsupported Transfer-Encoding")
+            if scope.get("http_version") == "1.0":
+                raise BadRequest(400, "Transfer-Encoding is not allowed in HTTP/1.0")
+            return None, True
+        if content_length is None and scope.get("http_version") == "2":
+            # HTTP/2 requests may carry a body without a length.
+            return None, scope["method"] in ("POST", "PUT", "PATCH")
+        return content_length, False
+
+
+class _Retry(Exception):
+    """Internal: this attempt failed in a way that is safe to try again."""
+
+    def __init__(self, error: UpstreamError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def _remaining(
+    deadline: float | None, loop: asyncio.AbstractEventLoop, cap: float | None
+) -> float | None:
+    if deadline is None:
+        return cap
+    left = max(deadline - loop.time(), 0.001)
+    return left if cap is None else min(left, cap)
+
+
+async def _watch_disconnect(receive: Receive, conn: H1Connection) -> None:
+    """Close the upstream stream as soon as the client goes away mid-response."""
+    with contextlib.suppress(Exception):
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not conn.complete:
+                    conn.abort()
+                return
+
+
+def make_request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's ``X-Request-ID`` when it is sane, else a new random one."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            if (
+                0 < len(value) <= _MAX_REQUEST_ID
+                and value.isascii()
+                and value.decode().isprintable()
+            ):
+                return value.decode("ascii")
+            break
+    return os.urandom(16).hex()

@@ -1,0 +1,88 @@
+"""The state of one running gateway process: settings, the current routing table,
+connection pools, metrics, and the lifecycle of background work.
+
+The routing table is one attribute; swapping it is one assignment, and a request that
+already read it keeps the table it started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from gateway.observability.metrics import GatewayMetrics
+from gateway.proxy.headers import TrustedProxies
+from gateway.routing.builder import build_table
+from gateway.routing.table import RoutingTable
+from gateway.upstream.registry import PoolRegistry
+
+log = logging.getLogger("octopus")
+
+
+class Gateway:
+    """Everything a gateway process owns at run time."""
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self.pools = PoolRegistry()
+        self.metrics = GatewayMetrics()
+        self.trusted_proxies = TrustedProxies(settings.server.trusted_proxies)
+        self.table: RoutingTable = build_table(settings, self.pools, version=1)
+        self.started = False
+        self.ready = False
+        #: Set when shutdown begins: readiness turns 503 so load balancers stop sending.
+        self.draining = False
+        self.started_at = time.time()
+        self.discovery_state: list[dict[str, Any]] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._start_lock: asyncio.Lock | None = None
+
+    def swap(self, table: RoutingTable) -> None:
+        """Make ``table`` the one new requests use."""
+        self.table = table
+
+    async def startup(self) -> None:
+        """Start background work once (lifespan, or the first request when mounted)."""
+        if self.started:
+            return
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self.started:
+                return
+            self.started = True
+            self.discovery_state = [
+                {"backend": name, "state": "idle", "last_sync": None}
+                for name, _ in _discovery_entries(self.settings)
+            ]
+            self.ready = True
+            log.info(
+                "gateway started",
+                extra={"routes": len(self.table.routes), "upstreams": len(self.table.upstreams)},
+            )
+
+    async def shutdown(self) -> None:
+        """Stop background work and close pooled connections."""
+        self.draining = True
+        self.ready = False
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        await self.pools.close()
+        self.started = False
+
+
+def _discovery_entries(settings: Any) -> list[tuple[str, Any]]:
+    discovery = getattr(settings, "discovery", None)
+    if discovery is None:
+        return []
+    try:
+        return list(discovery.entries())
+    except Exception:  # pragma: no cover - defensive: state display only
+        return []
