@@ -121,8 +121,10 @@ class GatewayApp:
                     send, 503, f"upstream {route.upstream_name!r} is not available", request_id
                 )
                 return
-            if route.strip_prefix or route.rewrite or route.add_prefix:
-                upstream_path = route.forward_path(raw_path.decode("latin-1")).encode("latin-1")
+            if route.transforms_path:
+                upstream_path = route.forward_path(raw_path.decode("latin-1"), found.params).encode(
+                    "latin-1"
+                )
             else:
                 upstream_path = raw_path
             outcome = await self.proxy.forward(

@@ -13,6 +13,9 @@ import logging
 import time
 from typing import Any
 
+from gateway.discovery.factory import create_backends
+from gateway.farp.schemas import SchemaFetcher
+from gateway.farp.watcher import FarpWatcher
 from gateway.observability.metrics import GatewayMetrics
 from gateway.proxy.headers import TrustedProxies
 from gateway.routing.builder import build_table
@@ -36,9 +39,15 @@ class Gateway:
         #: Set when shutdown begins: readiness turns 503 so load balancers stop sending.
         self.draining = False
         self.started_at = time.time()
-        self.discovery_state: list[dict[str, Any]] = []
+        self.farp: FarpWatcher | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._start_lock: asyncio.Lock | None = None
+
+    @property
+    def discovery_state(self) -> list[dict[str, Any]]:
+        if self.farp is None:
+            return []
+        return [backend.describe() for backend in self.farp.backends]
 
     def swap(self, table: RoutingTable) -> None:
         """Make ``table`` the one new requests use."""
@@ -54,11 +63,16 @@ class Gateway:
             if self.started:
                 return
             self.started = True
-            self.discovery_state = [
-                {"backend": name, "state": "idle", "last_sync": None}
-                for name, _ in _discovery_entries(self.settings)
-            ]
-            self.ready = True
+            if self.settings.farp.enabled:
+                self.farp = FarpWatcher(
+                    self,
+                    create_backends(self.settings),
+                    SchemaFetcher(ttl=self.settings.farp.schema_cache_ttl),
+                    retry_interval=self.settings.farp.watch_interval,
+                )
+                self._tasks.append(asyncio.create_task(self.farp.run(), name="farp-watcher"))
+            else:
+                self.ready = True
             log.info(
                 "gateway started",
                 extra={"routes": len(self.table.routes), "upstreams": len(self.table.upstreams)},
@@ -76,13 +90,3 @@ class Gateway:
         self._tasks.clear()
         await self.pools.close()
         self.started = False
-
-
-def _discovery_entries(settings: Any) -> list[tuple[str, Any]]:
-    discovery = getattr(settings, "discovery", None)
-    if discovery is None:
-        return []
-    try:
-        return list(discovery.entries())
-    except Exception:  # pragma: no cover - defensive: state display only
-        return []

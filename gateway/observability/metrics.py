@@ -67,6 +67,35 @@ class GatewayMetrics:
             "Requests and WebSocket sessions in progress.",
             registry=r,
         )
+        self.farp_services = Gauge(
+            "octopus_farp_services_total",
+            "FARP services currently routed.",
+            registry=r,
+        )
+        self.farp_routes = Gauge(
+            "octopus_farp_routes_total",
+            "Routes generated from FARP manifests, by service and route type.",
+            ["service", "type"],
+            registry=r,
+        )
+        self.farp_schema_updates = Counter(
+            "octopus_farp_schema_updates_total",
+            "Schema sets accepted for a service (first sight or a changed checksum).",
+            ["service"],
+            registry=r,
+        )
+        self.farp_rejected = Counter(
+            "octopus_farp_manifests_rejected_total",
+            "Manifests rejected, by reason; the last good version keeps serving.",
+            ["reason"],
+            registry=r,
+        )
+        self.farp_fetch_failures = Counter(
+            "octopus_farp_schema_fetch_failures_total",
+            "Schema fetches that failed, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self._request_children: dict[tuple[str, int, str], Any] = {}
         self._duration_children: dict[tuple[str, str], Any] = {}
         self._upstream_children: dict[tuple[str, str], Any] = {}

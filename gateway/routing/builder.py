@@ -7,22 +7,93 @@ pools come from the long-lived ``PoolRegistry`` so a rebuild keeps warm connecti
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Sequence
 from typing import Any
 
+from gateway.farp.routes import FarpService, GeneratedRoute
 from gateway.routing.table import Route, RoutingTable
 from gateway.routing.template import compile_template
 from gateway.upstream.registry import PoolRegistry
 from gateway.upstream.upstream import Endpoint, EndpointAddress, Upstream, UpstreamPolicy
 
+log = logging.getLogger("octopus.routing")
+
+log = logging.getLogger("octopus.routing")
+
 _DOLLAR_GROUP = re.compile(r"\$(\d+)|\$\{(\w+)\}")
 
 
-def build_table(settings: Any, pools: PoolRegistry, version: int = 0) -> RoutingTable:
-    """Compile ``settings.upstreams`` and ``settings.routes`` into a RoutingTable."""
+def build_table(
+    settings: Any,
+    pools: PoolRegistry,
+    version: int = 0,
+    services: Sequence[FarpService] = (),
+    conflicts: Sequence[dict[str, Any]] = (),
+) -> RoutingTable:
+    """Compile static ``upstreams``/``routes`` plus FARP services into a RoutingTable."""
     upstreams = {name: build_upstream(settings, name, pools) for name in settings.upstreams}
     routes = [build_route(index, route, upstreams) for index, route in enumerate(settings.routes)]
-    return RoutingTable.build(routes, upstreams, version=version)
+    order = len(routes)
+    for service in services:
+        if service.upstream_name in upstreams:
+            log.warning(
+                "FARP service %r shadows a static upstream of the same name; static wins",
+                service.upstream_name,
+            )
+        else:
+            upstreams[service.upstream_name] = build_farp_upstream(settings, service, pools)
+        for generated in service.routes:
+            routes.append(build_farp_route(order, service, generated, upstreams))
+            order += 1
+    return RoutingTable.build(routes, upstreams, conflicts=conflicts, version=version)
+
+
+def build_farp_upstream(settings: Any, service: FarpService, pools: PoolRegistry) -> Upstream:
+    """An upstream whose endpoints are the service's serving instances; tuning from
+    the ``routing:`` defaults."""
+    defaults = settings.routing
+    endpoints = []
+    for url, weight in service.endpoints:
+        address = EndpointAddress.parse(url)
+        pool = pools.pool_for(
+            address,
+            max_connections=defaults.max_connections or 512,
+            idle_timeout=defaults.idle_timeout or 60.0,
+        )
+        endpoints.append(Endpoint(address=address, weight=weight, pool=pool))
+    policy = UpstreamPolicy(
+        timeout=defaults.timeout,
+        connect_timeout=defaults.connect_timeout,
+        read_timeout=defaults.read_timeout,
+        retries=defaults.retries or 0,
+    )
+    return Upstream(
+        name=service.upstream_name,
+        endpoints=endpoints,
+        load_balance="weighted" if len({w for _, w in service.endpoints}) > 1 else "round-robin",
+        policy=policy,
+    )
+
+
+def build_farp_route(
+    order: int, service: FarpService, generated: GeneratedRoute, upstreams: dict[str, Upstream]
+) -> Route:
+    host = f" {generated.host}" if generated.host else ""
+    return Route(
+        name=f"farp:{service.upstream_name}:{generated.public_path}{host}",
+        source=f"farp:{service.name}",
+        template=compile_template(generated.public_path),
+        upstream_name=service.upstream_name,
+        upstream=upstreams.get(service.upstream_name),
+        methods=generated.methods | ({"HEAD"} if "GET" in generated.methods else set()),
+        host=generated.host,
+        priority=service.priority,
+        order=order,
+        upstream_template=generated.upstream_path,
+        kind=generated.kind,
+    )
 
 
 def build_upstream(settings: Any, name: str, pools: PoolRegistry) -> Upstream:

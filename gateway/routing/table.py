@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
-from gateway.routing.template import PathTemplate
+from gateway.routing.template import PathTemplate, fill_template
 
 if TYPE_CHECKING:
     from gateway.upstream.upstream import Upstream
@@ -43,6 +43,10 @@ class Route:
     retries: int | None = None
     plugins: tuple[str, ...] = ()
     order: int = 0
+    #: When set, the upstream path is this template filled with the matched parameters
+    #: (FARP routes: the service's own path, whatever the public mount and rewrites).
+    upstream_template: str | None = None
+    kind: str = "http"  # http | websocket | sse | graphql
 
     @property
     def path(self) -> str:
@@ -50,7 +54,7 @@ class Route:
 
     def sort_key(self) -> tuple[Any, ...]:
         """Most specific first (used with ``reverse=True``), earlier definitions win ties."""
-        host_rank = 0 if self.host is None else (1 if self.host.startswith("*.") else 2)
+        host_rank = 0 if self.host is None else (1 if "*" in self.host else 2)
         return (
             self.template.specificity,
             host_rank,
@@ -64,10 +68,18 @@ class Route:
             return True
         if self.host.startswith("*."):
             return host.endswith(self.host[1:]) and len(host) > len(self.host) - 1
+        if self.host.endswith(".*"):  # FARP subdomain strategy: "{subdomain}.<any host>"
+            return host.startswith(self.host[:-1]) and len(host) > len(self.host) - 1
         return host == self.host
 
-    def forward_path(self, raw_path: str) -> str:
+    @property
+    def transforms_path(self) -> bool:
+        return bool(self.strip_prefix or self.rewrite or self.add_prefix or self.upstream_template)
+
+    def forward_path(self, raw_path: str, params: dict[str, str] | None = None) -> str:
         """The path sent upstream: strip_prefix, then rewrite rules, then add_prefix."""
+        if self.upstream_template is not None:
+            return fill_template(self.upstream_template, params or {})
         path = raw_path
         if self.strip_prefix and path.startswith(self.strip_prefix):
             rest = path[len(self.strip_prefix) :]

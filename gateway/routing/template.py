@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from urllib.parse import quote
 
 _PARAM = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)(?::(path))?\}$")
+
+_INLINE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 STATIC, PARAM, REST = 2, 1, 0
 
@@ -54,6 +57,11 @@ def compile_template(template: str) -> PathTemplate:
             specificity.append(STATIC)
             continue
         found = _PARAM.match(segment)
+        if not found and _INLINE.search(segment) and ":" not in segment:
+            # A parameter inside literal text, as OpenAPI allows: /files/{name}.json
+            pattern.append("/" + _inline_segment(segment, template, names))
+            specificity.append(PARAM)
+            continue
         if not found:
             raise TemplateError(
                 f"path template {template!r}: segment {segment!r} must be literal text, "
@@ -79,3 +87,42 @@ def compile_template(template: str) -> PathTemplate:
     first = segments[0] if segments and specificity[0] == STATIC else None
     regex = None if all(s == STATIC for s in specificity) else re.compile("".join(pattern))
     return PathTemplate(template, regex, tuple(specificity), literal_prefix, first)
+
+
+def _inline_segment(segment: str, template: str, names: set[str]) -> str:
+    out: list[str] = []
+    position = 0
+    for found in _INLINE.finditer(segment):
+        out.append(re.escape(segment[position : found.start()]))
+        name = found.group(1)
+        if name in names:
+            raise TemplateError(f"path template {template!r}: parameter {name!r} repeats")
+        names.add(name)
+        out.append(f"(?P<{name}>[^/]+?)")
+        position = found.end()
+    rest = segment[position:]
+    if "{" in rest or "}" in rest:
+        raise TemplateError(f"path template {template!r}: unbalanced braces in {segment!r}")
+    out.append(re.escape(rest))
+    return "".join(out)
+
+
+def fill_template(template: str, params: dict[str, str | None]) -> str:
+    """``template`` with its parameters replaced by ``params`` (percent-encoded).
+
+    A ``{rest:path}`` that matched nothing (``/files`` for ``/files/{rest:path}``) takes
+    its leading slash with it.
+    """
+
+    def replace(found: re.Match[str]) -> str:
+        slash, name, kind = found.group(1) or "", found.group(2), found.group(3)
+        value = params.get(name)
+        if value is None and kind:
+            return ""
+        safe = "/:@!$&'()*+,;=-._~" if kind else ":@!$&'()*+,;=-._~"
+        return slash + quote(value or "", safe=safe)
+
+    return _ANY_PARAM.sub(replace, template) or "/"
+
+
+_ANY_PARAM = re.compile(r"(/)?\{([A-Za-z_][A-Za-z0-9_]*)(?::(path))?\}")

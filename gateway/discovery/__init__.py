@@ -1,0 +1,1 @@
+"""Service discovery: one module per backend, each a stream of whole snapshots."""

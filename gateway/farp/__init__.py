@@ -1,0 +1,1 @@
+"""FARP: manifests published by services, turned into routes (see shared FARP.md)."""

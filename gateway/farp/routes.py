@@ -1,0 +1,283 @@
+"""From validated manifests and their schema documents to routes (FARP.md §3).
+
+Pure functions: the same manifests and documents always give the same routes. The
+result is a list of ``FarpService``: one upstream (its endpoints are the serving
+instances) and the routes that lead to it, after mount strategy, rewrite and conflict
+resolution.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.farp.manifest import Manifest, semver_key
+
+log = logging.getLogger("octopus.farp")
+
+HTTP_OPERATIONS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+_PARAM_NAME = re.compile(r"\{([^}/]+)\}")
+_DOLLAR = re.compile(r"\$(\d+)")
+
+
+@dataclass(frozen=True)
+class GeneratedRoute:
+    """One public route of a FARP service."""
+
+    public_path: str  # path template clients use
+    upstream_path: str | None  # template sent upstream (None: forward the public path)
+    methods: frozenset[str]
+    host: str | None
+    kind: str  # "http" | "websocket" | "sse" | "graphql"
+    operation_id: str | None = None
+
+
+@dataclass
+class FarpService:
+    """A service's upstream and routes as the table builder needs them."""
+
+    name: str
+    upstream_name: str
+    endpoints: list[tuple[str, int]]  # (url, weight) of serving instances
+    routes: list[GeneratedRoute]
+    priority: int
+    version: str | None
+    first_seen: float
+    manifests: list[Manifest] = field(default_factory=list)
+    documents: dict[str, Any] = field(default_factory=dict)  # schema type -> document
+
+
+def mount_prefix(manifest: Manifest) -> str:
+    routing = manifest.routing
+    strategy = routing.strategy
+    if strategy == "instance":
+        return "/" + manifest.instance_id
+    if strategy == "service":
+        return "/" + manifest.service_name
+    if strategy == "versioned":
+        return f"/{manifest.service_name}/{manifest.service_version or 'v1'}"
+    if strategy == "custom":
+        return "/" + (routing.base_path or "").strip("/")
+    return ""
+
+
+def _join(prefix: str, path: str) -> str:
+    joined = "/" + "/".join(part for part in (prefix + "/" + path).split("/") if part)
+    if path.endswith("/") and joined != "/":
+        joined += "/"
+    return joined
+
+
+def _sanitise_params(path: str) -> str:
+    """OpenAPI allows parameter names our templates do not (``{user-id}``)."""
+    return _PARAM_NAME.sub(lambda m: "{" + re.sub(r"\W", "_", m.group(1)) + "}", path)
+
+
+def _apply_rewrites(path: str, rules: Iterable[tuple[str, str]]) -> str:
+    for pattern, replacement in rules:
+        path = re.sub(pattern, _DOLLAR.sub(r"\\g<\1>", replacement), path)
+    return path
+
+
+def operations_from_openapi(
+    document: Mapping[str, Any],
+) -> list[tuple[str, frozenset[str], str | None]]:
+    """(path, methods, first operationId) for every path of an OpenAPI 3.0/3.1 document."""
+    found = []
+    paths = document.get("paths") or {}
+    if not isinstance(paths, Mapping):
+        return found
+    for path, item in paths.items():
+        if not isinstance(path, str) or not path.startswith("/") or not isinstance(item, Mapping):
+            continue
+        methods = frozenset(m.upper() for m in item if m in HTTP_OPERATIONS)
+        if not methods:
+            continue
+        operation_id = next(
+            (
+                op.get("operationId")
+                for m, op in item.items()
+                if m in HTTP_OPERATIONS and isinstance(op, Mapping) and op.get("operationId")
+            ),
+            None,
+        )
+        found.append((path, methods, operation_id))
+    return found
+
+
+def channels_from_asyncapi(document: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(path, kind) for AsyncAPI channels served over WebSocket or SSE."""
+    servers = document.get("servers") or {}
+    protocols = {
+        str(server.get("protocol", "")).lower()
+        for server in (servers.values() if isinstance(servers, Mapping) else [])
+        if isinstance(server, Mapping)
+    }
+    found = []
+    channels = document.get("channels") or {}
+    if not isinstance(channels, Mapping):
+        return found
+    for name, channel in channels.items():
+        channel = channel if isinstance(channel, Mapping) else {}
+        address = channel.get("address") or name
+        if not isinstance(address, str):
+            continue
+        bindings = channel.get("bindings") or {}
+        channel_protocols = set(bindings) if isinstance(bindings, Mapping) else set()
+        all_protocols = channel_protocols | protocols
+        if all_protocols & {"ws", "wss", "websocket", "websockets"}:
+            found.append(("/" + address.lstrip("/"), "websocket"))
+        elif all_protocols & {"sse", "http", "https"}:
+            found.append(("/" + address.lstrip("/"), "sse"))
+    return found
+
+
+def routes_for_manifest(manifest: Manifest, documents: Mapping[str, Any]) -> list[GeneratedRoute]:
+    """Every public route one manifest asks for."""
+    hints = manifest.routing
+    prefix = mount_prefix(manifest)
+    host = f"{hints.subdomain}.*" if hints.strategy == "subdomain" else None
+    own: list[tuple[str, frozenset[str], str, str | None]] = []
+    if manifest.route_table:
+        for entry in manifest.route_table:
+            methods = frozenset(str(m).upper() for m in entry.get("methods") or ["GET"])
+            protocol = str(entry.get("protocol") or "http").lower()
+            kind = protocol if protocol in ("websocket", "sse", "graphql") else "http"
+            own.append((entry["path"], methods, kind, entry.get("operation_id")))
+    else:
+        openapi = documents.get("openapi")
+        if isinstance(openapi, Mapping):
+            for path, methods, operation_id in operations_from_openapi(openapi):
+                own.append((path, methods, "http", operation_id))
+        asyncapi = documents.get("asyncapi")
+        if isinstance(asyncapi, Mapping):
+            for path, kind in channels_from_asyncapi(asyncapi):
+                own.append((path, frozenset({"GET"}), kind, None))
+        if "graphql" in documents or "graphql" in manifest.capabilities:
+            path = str(manifest.endpoints.get("graphql") or "/graphql")
+            own.append((path, frozenset({"GET", "POST"}), "graphql", None))
+    routes = []
+    for path, methods, kind, operation_id in own:
+        path = _sanitise_params(path)
+        public = _apply_rewrites(_join(prefix, path), hints.rewrite)
+        upstream = path if hints.strip_prefix else None
+        routes.append(GeneratedRoute(public, upstream, methods, host, kind, operation_id))
+    return routes
+
+
+def build_services(
+    manifests: Iterable[Manifest],
+    documents: Mapping[tuple[str, str], Mapping[str, Any]],
+    first_seen: Mapping[tuple[str, str], float],
+) -> tuple[list[FarpService], list[dict[str, Any]]]:
+    """Group manifests into services, generate routes and resolve conflicts."""
+    groups: dict[str, list[Manifest]] = {}
+    for manifest in manifests:
+        if manifest.routing.strategy == "instance":
+            upstream_name = f"{manifest.service_name}@{manifest.instance_id}"
+        else:
+            upstream_name = manifest.service_name
+        groups.setdefault(upstream_name, []).append(manifest)
+    services: list[FarpService] = []
+    for upstream_name, members in sorted(groups.items()):
+        # The newest manifest describes the routes; every serving instance is an endpoint.
+        members.sort(key=lambda m: (m.updated_at, m.instance_id), reverse=True)
+        lead = members[0]
+        docs = documents.get(lead.key, {})
+        endpoints = [
+            (f"http://{m.instance.address}", m.instance.weight)
+            for m in members
+            if m.instance is not None and m.instance.address and m.serving
+        ]
+        services.append(
+            FarpService(
+                name=lead.service_name,
+                upstream_name=upstream_name,
+                endpoints=endpoints,
+                routes=routes_for_manifest(lead, docs),
+                priority=lead.routing.priority,
+                version=lead.service_version,
+                first_seen=min(first_seen.get(m.key, 0.0) for m in members),
+                manifests=members,
+                documents=dict(docs),
+            )
+        )
+    conflicts = resolve_conflicts(services)
+    return services, conflicts
+
+
+def _route_key(route: GeneratedRoute) -> tuple[str, str | None]:
+    return (_PARAM_NAME.sub("{}", route.public_path), route.host)
+
+
+def _precedence(service: FarpService) -> tuple[Any, ...]:
+    """Sort key: higher priority, then higher semver, then earlier registration first."""
+    return (-service.priority, tuple(-x for x in semver_key(service.version)), service.first_seen)
+
+
+def resolve_conflicts(services: list[FarpService]) -> list[dict[str, Any]]:
+    """Give each (method, path, host) to one service: priority, then semver, then first.
+
+    Losing methods are removed from the loser's route (the route goes when none remain).
+    Returns the conflicts for logs and the admin API.
+    """
+    claims: dict[tuple[str, str, str | None], list[FarpService]] = {}
+    for service in services:
+        for route in service.routes:
+            path, host = _route_key(route)
+            for method in route.methods:
+                claims.setdefault((method, path, host), []).append(service)
+    conflicts = []
+    losing: dict[int, set[tuple[str, str, str | None]]] = {}
+    for (method, path, host), claimants in sorted(claims.items(), key=lambda kv: kv[0]):
+        unique = list({id(s): s for s in claimants}.values())
+        if len(unique) < 2:
+            continue
+        ranked = sorted(
+            unique,
+            key=lambda s: (-s.priority, tuple(-x for x in semver_key(s.version)), s.first_seen),
+        )
+        winner = ranked[0]
+        runner_up = ranked[1]
+        if winner.priority != runner_up.priority:
+            reason = "priority"
+        elif semver_key(winner.version) != semver_key(runner_up.version):
+            reason = "service_version"
+        else:
+            reason = "first_registered"
+        for loser in ranked[1:]:
+            losing.setdefault(id(loser), set()).add((method, path, host))
+        conflict = {
+            "method": method,
+            "path": path,
+            "host": host,
+            "winner": winner.upstream_name,
+            "losers": [s.upstream_name for s in ranked[1:]],
+            "reason": reason,
+        }
+        log.warning("route conflict", extra={"conflict": conflict})
+        conflicts.append(conflict)
+    for service in services:
+        lost = losing.get(id(service))
+        if not lost:
+            continue
+        kept = []
+        for route in service.routes:
+            path, host = _route_key(route)
+            methods = frozenset(m for m in route.methods if (m, path, host) not in lost)
+            if methods:
+                kept.append(
+                    GeneratedRoute(
+                        route.public_path,
+                        route.upstream_path,
+                        methods,
+                        route.host,
+                        route.kind,
+                        route.operation_id,
+                    )
+                )
+        service.routes = kept
+    return conflicts

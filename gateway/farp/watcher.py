@@ -1,0 +1,245 @@
+"""The lifespan task that turns discovery snapshots into routing tables.
+
+Backends push whole snapshots; bursts are debounced; each rebuild validates what
+changed, fetches schemas, generates routes with a pure function and swaps the table in
+one assignment. Anything that fails (a bad manifest, an unreachable schema, a backend
+outage) keeps the last good state of that instance, and the table keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from gateway.discovery.base import DiscoveredInstance, DiscoveryBackend
+from gateway.farp.canonical import canonical_json
+from gateway.farp.manifest import Manifest, ManifestError, parse_manifest
+from gateway.farp.routes import FarpService, build_services
+from gateway.farp.schemas import SchemaError, SchemaFetcher
+from gateway.routing.builder import build_table
+
+if TYPE_CHECKING:
+    from gateway.runtime import Gateway
+
+log = logging.getLogger("octopus.farp")
+
+DEBOUNCE = 0.05
+
+
+@dataclass(frozen=True)
+class AcceptedInstance:
+    """The last good state of one discovered instance."""
+
+    fingerprint: str
+    manifest: Manifest
+    documents: dict[str, Any]
+
+
+class FarpWatcher:
+    """Owns the FARP state of a gateway: accepted manifests and the services built from them."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        backends: list[DiscoveryBackend],
+        fetcher: SchemaFetcher,
+        *,
+        retry_interval: float = 5.0,
+    ) -> None:
+        self.gateway = gateway
+        self.backends = backends
+        self.fetcher = fetcher
+        self.retry_interval = retry_interval
+        self.accepted: dict[str, AcceptedInstance] = {}
+        self.services: list[FarpService] = []
+        self.conflicts: list[dict[str, Any]] = []
+        self.pushed: dict[str, DiscoveredInstance] = {}  # from the push API
+        self._snapshots: dict[int, list[DiscoveredInstance]] = {}
+        self._first_seen: dict[tuple[str, str], float] = {}
+        self._changed = asyncio.Event()
+        self._rebuilt = asyncio.Condition()
+        self._generation = 0
+        self._synced_backends: set[int] = set()
+        self._version = gateway.table.version
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Consume every backend and rebuild on change, until cancelled."""
+        feeders = [
+            asyncio.create_task(self._feed(index, backend), name=f"discovery-{backend.name}")
+            for index, backend in enumerate(self.backends)
+        ]
+        try:
+            if not self.backends:
+                await self._safe_rebuild()
+            while True:
+                await self._changed.wait()
+                await asyncio.sleep(DEBOUNCE)
+                self._changed.clear()
+                await self._safe_rebuild()
+        finally:
+            for task in feeders:
+                task.cancel()
+            await asyncio.gather(*feeders, return_exceptions=True)
+            for backend in self.backends:
+                await backend.close()
+            await self.fetcher.close()
+
+    async def _feed(self, index: int, backend: DiscoveryBackend) -> None:
+        try:
+            async for snapshot in backend.watch():
+                self._snapshots[index] = snapshot
+                self._synced_backends.add(index)
+                self._changed.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a backend bug must not stop the others
+            backend.state = "failed"
+            backend.last_error = str(exc)
+            log.exception("discovery backend stopped", extra={"backend": backend.name})
+            self._synced_backends.add(index)
+            self._changed.set()
+
+    def notify(self) -> None:
+        """Ask for a rebuild (the push API calls this after a change)."""
+        self._changed.set()
+
+    async def wait_rebuilt(self, after: int, timeout: float = 10.0) -> None:
+        """Wait until a rebuild newer than generation ``after`` has been swapped in."""
+        async with asyncio.timeout(timeout), self._rebuilt:
+            await self._rebuilt.wait_for(lambda: self._generation > after)
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    # --- rebuild -------------------------------------------------------------------
+
+    async def _safe_rebuild(self) -> None:
+        try:
+            await self._rebuild()
+        except Exception:
+            # A bug in route generation must not stop discovery: the last table stays.
+            log.exception("routing table rebuild failed; keeping the last good table")
+            asyncio.get_running_loop().call_later(self.retry_interval, self._changed.set)
+
+    async def _rebuild(self) -> None:
+        discovered: list[DiscoveredInstance] = []
+        for index in sorted(self._snapshots):
+            discovered.extend(self._snapshots[index])
+        discovered.extend(self.pushed.values())
+        retry_needed = False
+        accepted: dict[str, AcceptedInstance] = {}
+        for instance in discovered:
+            result = await self._accept(instance)
+            if result is None:
+                retry_needed = retry_needed or instance.key not in self.accepted
+                previous = self.accepted.get(instance.key)
+                if previous is not None:
+                    accepted[instance.key] = previous
+                continue
+            accepted[instance.key] = result
+        self.accepted = accepted
+        manifests = [entry.manifest for entry in accepted.values()]
+        now = time.time()
+        for manifest in manifests:
+            self._first_seen.setdefault(manifest.key, now)
+        documents = {entry.manifest.key: entry.documents for entry in accepted.values()}
+        services, conflicts = build_services(manifests, documents, self._first_seen)
+        self._version += 1
+        table = build_table(
+            self.gateway.settings,
+            self.gateway.pools,
+            version=self._version,
+            services=services,
+            conflicts=conflicts,
+        )
+        self.services = services
+        self.conflicts = conflicts
+        self.gateway.swap(table)
+        self._publish_metrics(services)
+        if len(self._synced_backends) >= len(self.backends):
+            self.gateway.ready = True
+        async with self._rebuilt:
+            self._generation += 1
+            self._rebuilt.notify_all()
+        log.info(
+            "routing table rebuilt",
+            extra={
+                "version": self._version,
+                "routes": len(table.routes),
+                "services": len(services),
+            },
+        )
+        if retry_needed:
+            asyncio.get_running_loop().call_later(self.retry_interval, self._changed.set)
+
+    async def _accept(self, instance: DiscoveredInstance) -> AcceptedInstance | None:
+        """Validate and fetch one instance's manifest; None when it must be rejected."""
+        metrics = self.gateway.metrics
+        document = instance.manifest
+        if document is None:
+            metrics.farp_rejected.labels("no_manifest").inc()
+            log.warning("instance without a manifest ignored", extra={"source": instance.key})
+            return None
+        try:
+            fingerprint = hashlib.sha256(canonical_json(document)).hexdigest()
+        except (TypeError, ValueError) as exc:
+            metrics.farp_rejected.labels("invalid").inc()
+            log.warning("manifest rejected", extra={"source": instance.key, "reason": str(exc)})
+            return None
+        previous = self.accepted.get(instance.key)
+        if previous is not None and previous.fingerprint == fingerprint:
+            return previous
+        try:
+            manifest = parse_manifest(document, address=instance.address)
+        except ManifestError as exc:
+            reason = "checksum" if exc.field == "checksum" else "invalid"
+            metrics.farp_rejected.labels(reason).inc()
+            log.warning("manifest rejected", extra={"source": instance.key, "reason": str(exc)})
+            return None
+        base_url = f"http://{manifest.instance.address}" if manifest.instance else None
+        read_key = self._key_reader()
+        documents: dict[str, Any] = {}
+        for descriptor in manifest.schemas:
+            try:
+                documents[descriptor.type] = await self.fetcher.fetch(
+                    descriptor, base_url=base_url, read_key=read_key
+                )
+            except SchemaError as exc:
+                metrics.farp_fetch_failures.labels(exc.reason).inc()
+                log.warning(
+                    "schema fetch failed, keeping the last good version",
+                    extra={"source": instance.key, "schema": descriptor.type, "reason": str(exc)},
+                )
+                return None
+        if previous is None or previous.manifest.checksum != manifest.checksum:
+            metrics.farp_schema_updates.labels(manifest.service_name).inc()
+        return AcceptedInstance(fingerprint, manifest, documents)
+
+    def _key_reader(self) -> Any:
+        async def read_key(path: str) -> bytes | None:
+            for backend in self.backends:
+                value = await backend.read_key(path)
+                if value is not None:
+                    return value
+            return None
+
+        return read_key
+
+    def _publish_metrics(self, services: list[FarpService]) -> None:
+        metrics = self.gateway.metrics
+        metrics.farp_services.set(len({s.name for s in services}))
+        metrics.farp_routes.clear()
+        counts: dict[tuple[str, str], int] = {}
+        for service in services:
+            for route in service.routes:
+                key = (service.name, route.kind)
+                counts[key] = counts.get(key, 0) + 1
+        for (service_name, kind), count in counts.items():
+            metrics.farp_routes.labels(service_name, kind).set(count)
