@@ -48,6 +48,7 @@ class DiscoveryBackend(ABC):
 
     async def close(self) -> None:
         """Release connections; the watch loop is cancelled separately."""
+        return None
 
     def synced(self) -> None:
         self.state = "synced"
