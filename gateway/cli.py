@@ -242,8 +242,15 @@ def command_run(args: argparse.Namespace) -> int:
     """``octopus run``: exit 2 on an invalid configuration, else the server's exit code."""
     from gateway.server import resolve_workers, serve
 
-    settings = _load(_config_source(args))
+    source = _config_source(args)
+    settings = _load(source)
     if settings is None:
+        return EXIT_CONFIG
+    # Build the table once here (offline, cheap) so a configuration the schema accepts
+    # but the table builder rejects fails now, as a message, not in every worker.
+    problem = _build_problem(settings)
+    if problem is not None:
+        print(f"{source or DEFAULT_SOURCE}: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     settings = _apply_overrides(settings, args)
     try:

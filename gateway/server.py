@@ -33,9 +33,13 @@ import signal
 import socket
 import ssl
 import sys
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import uvicorn
 
 log = logging.getLogger("octopus")
 
@@ -230,7 +234,7 @@ def _uvicorn_loop_name() -> str:
     return "uvloop"
 
 
-def _data_config(settings: Any, app: Any) -> Any:
+def _data_config(settings: Any, app: Any) -> uvicorn.Config:
     """uvicorn settings for the data listener.
 
     ``access_log`` is off because the gateway logs each request itself (with route,
@@ -238,8 +242,6 @@ def _data_config(settings: Any, app: Any) -> Any:
     which ``X-Forwarded-*`` values to trust (``server.trusted_proxies``); ``log_config``
     is None so uvicorn does not replace the gateway's log formatting.
     """
-    import uvicorn
-
     tls = settings.tls
     options: dict[str, Any] = {}
     if tls.enabled:
@@ -263,9 +265,7 @@ def _data_config(settings: Any, app: Any) -> Any:
     )
 
 
-def _admin_config(app: Any) -> Any:
-    import uvicorn
-
+def _admin_config(app: Any) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         http="httptools",
@@ -291,7 +291,7 @@ class _Listeners:
     class owns the signals.
     """
 
-    def __init__(self, gateway: Any, data: Any, admin: Any | None) -> None:
+    def __init__(self, gateway: Any, data: uvicorn.Server, admin: uvicorn.Server | None) -> None:
         self.gateway = gateway
         self.data = data
         self.admin = admin
@@ -325,8 +325,6 @@ async def _serve_listeners(
     on_ready: Callable[[], None],
     parent_pid: int | None,
 ) -> int:
-    import uvicorn
-
     from gateway.asgi import create_app
 
     by_name = {listener.name: listener for listener in listeners}
@@ -346,7 +344,7 @@ async def _serve_listeners(
 
     data_sockets = [by_name["data"].sock]
     if not await _start(data, data_sockets):
-        log.error("gateway failed to start")
+        log.error("start-up failed; not serving", extra={"pid": os.getpid()})
         return EXIT_STARTUP
     admin_sockets: list[socket.socket] = []
     if admin is not None:
@@ -383,7 +381,7 @@ async def _serve_listeners(
     return EXIT_OK
 
 
-async def _start(server: Any, sockets: list[socket.socket]) -> bool:
+async def _start(server: uvicorn.Server, sockets: list[socket.socket]) -> bool:
     """Load the app, run lifespan startup and start accepting; False if startup failed."""
     config = server.config
     if not config.loaded:
@@ -481,7 +479,9 @@ def serve_granian(settings: Any, *, workers: int) -> int:
         if settings.admin.enabled:
             announce("admin", url, "granian: admin API under /_/ on the data port")
 
-    granian.on_startup(announce_granian)
+    # The port only accepts once granian's workers are up, after its start-up hooks ran;
+    # announce when it really accepts, so the line means the same as in uvicorn mode.
+    granian.on_startup(lambda: _when_accepting(host, port, announce_granian))
     log.info(
         "starting granian",
         extra={"workers": workers, "url": url, "admin": "under /_/ on the data port"},
@@ -491,6 +491,26 @@ def serve_granian(settings: Any, *, workers: int) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_FAILURE
     return EXIT_OK
+
+
+def _when_accepting(host: str, port: int, then: Callable[[], None], timeout: float = 60.0) -> None:
+    """Call ``then`` from a background thread once ``host:port`` accepts connections."""
+    target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+    def probe() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((target, port), timeout=1.0):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            log.warning("listener did not accept in time", extra={"port": port})
+            return
+        then()
+
+    threading.Thread(target=probe, name="octopus-announce", daemon=True).start()
 
 
 def _granian_logging(settings: Any) -> dict[str, Any]:

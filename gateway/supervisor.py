@@ -20,9 +20,10 @@ is about half a second of imports per worker start, paid at start-up and on rest
 The parent does nothing but supervise:
 
 * a worker that dies while the gateway is running is restarted, after a backoff that
-  doubles with each quick failure (0.5 s up to 10 s); five quick failures in a row, or a
-  failed application start-up before the gateway ever became ready, stop everything
-  with exit code 1 rather than spinning;
+  doubles with each quick failure (0.5 s up to 10 s); five quick failures in a row stop
+  everything with exit code 1 rather than spinning, and a failed application start-up
+  before the gateway ever became ready stops it at once with exit code 3 (as in the
+  single-process mode);
 * SIGTERM/SIGINT are forwarded to the workers as SIGTERM (each drains, see
   ``gateway.server``), and the parent closes its own copies of the sockets so the port
   stops accepting once every worker has closed its copy. Workers still running
@@ -178,9 +179,10 @@ class WorkerSupervisor:
                     self._kill_all()
 
     def _timeout(self, now: float) -> float | None:
-        times = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
         if self.stopping:
-            times = [self.deadline]
+            # After the SIGKILLs only the workers' exits are left to wait for.
+            return None if self.killed else max(0.0, self.deadline - now)
+        times = [slot.restart_at for slot in self.slots if slot.restart_at is not None]
         if not times:
             return None
         return max(0.0, min(times) - now)
@@ -209,6 +211,8 @@ class WorkerSupervisor:
             pass  # the worker died before it was ready; its exit is handled next
         else:
             slot.became_ready = True
+            pid = slot.process.pid if slot.process is not None else None
+            log.info("worker ready", extra={"worker": slot.index, "pid": pid})
         slot.ready.close()
         slot.ready = None
 
@@ -237,7 +241,7 @@ class WorkerSupervisor:
         )
         if code == EXIT_STARTUP and not self.announced:
             log.error("the gateway failed to start in a worker; stopping")
-            self.exit_code = EXIT_FAILURE
+            self.exit_code = EXIT_STARTUP
             self._begin_stop(signal.SIGTERM)
             return
         slot.quick_failures = 0 if lived >= STABLE_AFTER else slot.quick_failures + 1
