@@ -41,6 +41,8 @@ from typing import Any
 
 import uvicorn
 
+from gateway.coalescing import CoalescingHttpToolsProtocol
+
 log = logging.getLogger("octopus")
 
 #: The ASGI servers ``octopus run --server`` accepts.
@@ -251,14 +253,15 @@ def _data_config(settings: Any, app: Any) -> uvicorn.Config:
             options.update(ssl_ca_certs=client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
     return uvicorn.Config(
         app,
-        http="httptools",
+        http=CoalescingHttpToolsProtocol,
         loop=_uvicorn_loop_name(),
         lifespan="on",
         access_log=False,
         log_config=None,
         proxy_headers=False,
         server_header=False,
-        date_header=True,
+        # The upstream's Date passes through; a second one from uvicorn would repeat it.
+        date_header=False,
         timeout_graceful_shutdown=settings.server.graceful_timeout,
         backlog=BACKLOG,
         **options,

@@ -38,6 +38,8 @@ _REQUEST_OWNED: frozenset[bytes] = HOP_BY_HOP | {
 }
 
 VIA_VALUE = b"1.1 octopus"
+#: ``Connection`` values that name no other header (the common case: skip the parse).
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 _TOKEN = re.compile(rb"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 
 
@@ -120,7 +122,7 @@ def build_request_head(
         if name in _REQUEST_OWNED or name == b"content-length":
             if name == b"host":
                 original_host = value
-            elif name == b"connection":
+            elif name == b"connection" and value.lower() not in _PLAIN_CONNECTION:
                 named = connection_tokens(headers)
             elif trusted:
                 if name == b"x-forwarded-for":
@@ -196,7 +198,7 @@ def filter_response_headers(
     has_request_id = False
     for name, value in headers:
         if name in HOP_BY_HOP:
-            if name == b"connection":
+            if name == b"connection" and value.lower() not in _PLAIN_CONNECTION:
                 named = connection_tokens(headers)
             continue
         if name == b"x-request-id":

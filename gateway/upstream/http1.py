@@ -208,6 +208,10 @@ class H1Connection(asyncio.Protocol):
             await self._drain_waiter
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    @property
     def head_received(self) -> bool:
         return self.status != 0
 

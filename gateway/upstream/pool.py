@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from time import monotonic
 
 from gateway.upstream.errors import ConnectFailed, PoolTimeout
 from gateway.upstream.http1 import H1Connection
@@ -88,10 +89,10 @@ class ConnectionPool:
             if not waiter.done():
                 waiter.set_result(conn)
                 return
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = monotonic()
         self._idle.append(conn)
         if self._sweep_handle is None:
-            self._schedule_sweep()
+            self._schedule_sweep(conn.loop)
 
     async def close(self) -> None:
         """Close idle connections now; busy ones close when released."""
@@ -143,15 +144,15 @@ class ConnectionPool:
                 waiter.set_result(None)  # a slot is free: the waiter connects itself
                 return
 
-    def _schedule_sweep(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._sweep_handle = loop.call_later(max(self.idle_timeout / 2, 0.05), self._sweep)
+    def _schedule_sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        delay = max(self.idle_timeout / 2, 0.05)
+        self._sweep_handle = loop.call_later(delay, self._sweep, loop)
 
-    def _sweep(self) -> None:
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
         self._sweep_handle = None
-        now = asyncio.get_running_loop().time()
+        now = monotonic()
         idle = self._idle
         while idle and (idle[0].closed or now - idle[0].idle_since >= self.idle_timeout):
             idle.popleft().close()
         if idle:
-            self._schedule_sweep()
+            self._schedule_sweep(loop)
