@@ -3,7 +3,9 @@
 Served on the admin listener, or under ``/_/`` on the data port when the gateway runs
 as a plain ASGI app. Not on the hot path, so Starlette keeps it short. When
 ``admin.auth`` is configured every endpoint except liveness and readiness (which
-orchestrators probe without credentials) requires HTTP basic auth.
+orchestrators probe without credentials) requires HTTP basic auth; the FARP push API
+(``/_farp/``, see ``app.farp_push``) also accepts ``farp.registration_token``, because
+the services that register should not hold the operators' admin password.
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from app.docs import docs_routes
+from app.farp_push import (
+    PushTokenGuard,
+    is_push_path,
+    push_routes,
+    registration_token_matches,
+    unauthorized,
+)
 from gateway.routing.table import Route as TableRoute
 from gateway.runtime import Gateway
 
@@ -74,10 +84,18 @@ class AdminAuth:
     """Basic auth against a bcrypt hash; verified credentials are remembered by digest,
     because bcrypt is deliberately slow and dashboards poll."""
 
-    def __init__(self, app: Any, username: str, password_hash: str) -> None:
+    def __init__(
+        self,
+        app: Any,
+        username: str,
+        password_hash: str,
+        *,
+        registration_token: str | None = None,
+    ) -> None:
         self.app = app
         self.username = username
         self.password_hash = password_hash.encode()
+        self.registration_token = registration_token
         self._verified: set[bytes] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -86,6 +104,13 @@ class AdminAuth:
             return
         if self._authorised(scope):
             await self.app(scope, receive, send)
+            return
+        token = self.registration_token
+        if token and is_push_path(scope):
+            if registration_token_matches(scope, token):
+                await self.app(scope, receive, send)
+            else:
+                await unauthorized()(scope, receive, send)
             return
         response = JSONResponse(
             {"error": "unauthorized", "message": "admin credentials required"},
@@ -159,6 +184,10 @@ def create_admin_app(gateway: Gateway) -> Any:
                     "/_/routes",
                     "/_/services",
                     "/_/config",
+                    "/_/openapi.json",
+                    "/_/asyncapi.json",
+                    "/_/docs",
+                    "/_farp/v1/services",
                     metrics_path,
                 ],
             }
@@ -176,8 +205,13 @@ def create_admin_app(gateway: Gateway) -> Any:
     ]
     if metrics_path != "/metrics":
         routes_list.append(Route("/metrics", metrics))
+    routes_list.extend(docs_routes(gateway))
+    routes_list.extend(push_routes(gateway))
     app: Any = Starlette(routes=routes_list)
     auth = gateway.settings.admin.auth
+    token = gateway.settings.farp.registration_token
     if auth is not None:
-        app = AdminAuth(app, auth.username, auth.password_hash)
+        app = AdminAuth(app, auth.username, auth.password_hash, registration_token=token)
+    elif token:
+        app = PushTokenGuard(app, token)
     return app

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from gateway.discovery.factory import create_backends
@@ -52,6 +53,17 @@ class Gateway:
     def swap(self, table: RoutingTable) -> None:
         """Make ``table`` the one new requests use."""
         self.table = table
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run ``coro`` in the background until it ends or ``shutdown()`` cancels it.
+
+        For work started on demand after start-up (the push API's heartbeat eviction),
+        so that it stops with the gateway instead of dying with the event loop.
+        """
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        # A new list, not an in-place removal: shutdown() may be iterating the old one.
+        self._tasks = [t for t in self._tasks if not t.done()] + [task]
+        return task
 
     async def startup(self) -> None:
         """Start background work once (lifespan, or the first request when mounted)."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.farp.manifest import Manifest, semver_key
+from gateway.routing.template import TemplateError, compile_template
 
 log = logging.getLogger("octopus.farp")
 
@@ -82,6 +83,15 @@ def _apply_rewrites(path: str, rules: Iterable[tuple[str, str]]) -> str:
     return path
 
 
+def public_path(manifest: Manifest, path: str) -> str:
+    """The public path of a service path: mount prefix, then the manifest's rewrites.
+
+    Public so that the federated documents (``gateway.farp.federation``) place each
+    operation exactly where ``routes_for_manifest`` mounted it.
+    """
+    return _apply_rewrites(_join(mount_prefix(manifest), path), manifest.routing.rewrite)
+
+
 def operations_from_openapi(
     document: Mapping[str, Any],
 ) -> list[tuple[str, frozenset[str], str | None]]:
@@ -111,11 +121,13 @@ def operations_from_openapi(
 def channels_from_asyncapi(document: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(path, kind) for AsyncAPI channels served over WebSocket or SSE."""
     servers = document.get("servers") or {}
-    protocols = {
-        str(server.get("protocol", "")).lower()
-        for server in (servers.values() if isinstance(servers, Mapping) else [])
+    servers = servers if isinstance(servers, Mapping) else {}
+    protocol_of = {
+        str(name): str(server.get("protocol", "")).lower()
+        for name, server in servers.items()
         if isinstance(server, Mapping)
     }
+    protocols = set(protocol_of.values())
     found = []
     channels = document.get("channels") or {}
     if not isinstance(channels, Mapping):
@@ -127,7 +139,17 @@ def channels_from_asyncapi(document: Mapping[str, Any]) -> list[tuple[str, str]]
             continue
         bindings = channel.get("bindings") or {}
         channel_protocols = set(bindings) if isinstance(bindings, Mapping) else set()
-        all_protocols = channel_protocols | protocols
+        # A channel listing its servers (names in 2.x, $refs in 3.0) is served only there.
+        listed = channel.get("servers")
+        if isinstance(listed, list) and listed:
+            names = [
+                entry.get("$ref", "").rsplit("/", 1)[-1] if isinstance(entry, Mapping) else entry
+                for entry in listed
+            ]
+            channel_protocols |= {protocol_of.get(str(n), "") for n in names}
+            all_protocols = channel_protocols
+        else:
+            all_protocols = channel_protocols | protocols
         if all_protocols & {"ws", "wss", "websocket", "websockets"}:
             found.append(("/" + address.lstrip("/"), "websocket"))
         elif all_protocols & {"sse", "http", "https"}:
@@ -138,8 +160,7 @@ def channels_from_asyncapi(document: Mapping[str, Any]) -> list[tuple[str, str]]
 def routes_for_manifest(manifest: Manifest, documents: Mapping[str, Any]) -> list[GeneratedRoute]:
     """Every public route one manifest asks for."""
     hints = manifest.routing
-    prefix = mount_prefix(manifest)
-    host = f"{hints.subdomain}.*" if hints.strategy == "subdomain" else None
+    host = f"{(hints.subdomain or '').lower()}.*" if hints.strategy == "subdomain" else None
     own: list[tuple[str, frozenset[str], str, str | None]] = []
     if manifest.route_table:
         for entry in manifest.route_table:
@@ -162,7 +183,18 @@ def routes_for_manifest(manifest: Manifest, documents: Mapping[str, Any]) -> lis
     routes = []
     for path, methods, kind, operation_id in own:
         path = _sanitise_params(path)
-        public = _apply_rewrites(_join(prefix, path), hints.rewrite)
+        public = public_path(manifest, path)
+        try:
+            compile_template(public)
+            if hints.strip_prefix:
+                compile_template(path)
+        except TemplateError as exc:
+            # One odd path must not cost the service (or the whole table) its routes.
+            log.warning(
+                "FARP route skipped",
+                extra={"service": manifest.service_name, "path": public, "reason": str(exc)},
+            )
+            continue
         upstream = path if hints.strip_prefix else None
         routes.append(GeneratedRoute(public, upstream, methods, host, kind, operation_id))
     return routes
@@ -232,7 +264,9 @@ def resolve_conflicts(services: list[FarpService]) -> list[dict[str, Any]]:
                 claims.setdefault((method, path, host), []).append(service)
     conflicts = []
     losing: dict[int, set[tuple[str, str, str | None]]] = {}
-    for (method, path, host), claimants in sorted(claims.items(), key=lambda kv: kv[0]):
+    # Host is None for "any host": sort it as "" (None and str do not compare).
+    ordered = sorted(claims.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or ""))
+    for (method, path, host), claimants in ordered:
         unique = list({id(s): s for s in claimants}.values())
         if len(unique) < 2:
             continue
