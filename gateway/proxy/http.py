@@ -31,6 +31,7 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 #: Bodies up to this size are read before connecting, so the request can be replayed.
 REPLAYABLE_BODY = 64 * 1024
 _MAX_REQUEST_ID = 200
+_BODILESS_STATUSES = frozenset({204, 304})
 # Request ids: a random per-process prefix and a counter. Unique without a syscall per
 # request (os.urandom is one, and shows up at ~6% of a proxied request).
 _ID_PREFIX = os.urandom(8).hex()
@@ -130,6 +131,11 @@ class HttpProxy:
             streaming = True
         elif has_body:
             framing = b"content-length: " + str(len(body)).encode()
+            streaming = False
+        elif content_length == 0:
+            # Keep what the client declared: a POST/PUT without any length gets 411 from
+            # some upstreams.
+            framing = b"content-length: 0"
             streaming = False
         else:
             framing = None
@@ -274,6 +280,10 @@ class HttpProxy:
 
         rid = request_id.encode()
         response_headers = filter_response_headers(upstream_headers, rid)
+        if status in _BODILESS_STATUSES:
+            # Never a body: a Content-Length here describes some other response (RFC 9110
+            # §8.6), and the ASGI server would wait for that many bytes and fail.
+            response_headers = [h for h in response_headers if h[0] != b"content-length"]
         if conn.complete or head_only:
             data, _ = await conn.read_body(read_timeout) if not head_only else (b"", False)
             await send(
@@ -348,11 +358,20 @@ class HttpProxy:
     def _body_framing(
         self, headers: list[tuple[bytes, bytes]], scope: Scope
     ) -> tuple[int | None, bool]:
-        """Content length and chunkedness; refuse the shapes used for request smuggling."""
+        """Content length and chunkedness; refuse the shapes used for request smuggling.
+
+        A repeated Host is refused here too (RFC 9112 §3.2 requires a 400): the route was
+        matched on the first one, and the upstream must not be told about another.
+        """
         content_length: int | None = None
         transfer_encoding: bytes | None = None
+        seen_host = False
         for name, value in headers:
-            if name == b"content-length":
+            if name == b"host":
+                if seen_host:
+                    raise BadRequest(400, "more than one Host header")
+                seen_host = True
+            elif name == b"content-length":
                 text = value.strip()
                 if not text.isdigit():
                     raise BadRequest(400, "invalid Content-Length")

@@ -144,10 +144,19 @@ class H1Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
+        if not 100 <= status <= 599:
+            # RFC 9110 §15: outside 100..599 a status is invalid (and no server can send it).
+            self._fail(UpstreamProtocolError(f"invalid status code {status} from upstream"))
+            return
         if 100 <= status < 200 and status != 101:
             # Interim answers (100 Continue, 103 Early Hints) are not the response.
             self._interim = True
             self._headers = []
+            return
+        if status == 101:
+            # Upgrade is hop-by-hop and never forwarded, so the upstream was not asked to
+            # switch protocols: relaying its 101 would switch a client that did not ask.
+            self._fail(UpstreamProtocolError("upstream switched protocols without being asked"))
             return
         self.status = status
         for name, value in self._headers:

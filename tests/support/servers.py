@@ -2,6 +2,7 @@
 
 The socket is bound before the thread starts, so the port is known at once and the
 server is accepting (the kernel queues connections) before ``start()`` returns.
+The server runs on uvloop, as production does (``loop="uvloop"``).
 """
 
 from __future__ import annotations
@@ -27,20 +28,41 @@ def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     return sock
 
 
-class ThreadedServer:
-    """An ASGI app on uvicorn in a background thread with its own event loop."""
+def free_port() -> int:
+    """A port nothing listens on right now (for "connection refused" and subprocesses)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
-    def __init__(self, app: Any, *, lifespan: str = "on", **options: Any) -> None:
-        self.sock = bind_socket()
+
+class ThreadedServer:
+    """An ASGI app on uvicorn in a background thread with its own event loop.
+
+    ``port`` rebinds a known port (to restart a server where clients expect it).
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        lifespan: str = "on",
+        port: int = 0,
+        loop: str = "uvloop",
+        http: str = "httptools",
+        **options: Any,
+    ) -> None:
+        options.setdefault("timeout_graceful_shutdown", 2)
+        self.sock = bind_socket(port=port)
         self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        scheme = "https" if options.get("ssl_certfile") else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.config = uvicorn.Config(
             app,
             lifespan=lifespan,
             log_level="warning",
             access_log=False,
-            http="httptools",
-            loop="asyncio",
+            http=http,
+            loop=loop,
             server_header=False,
             proxy_headers=False,
             **options,
@@ -50,9 +72,13 @@ class ThreadedServer:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        factory = self.config.get_loop_factory() or asyncio.new_event_loop
+        self.loop = factory()
         asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self.server.serve(sockets=[self.sock]))
+        try:
+            self.loop.run_until_complete(self.server.serve(sockets=[self.sock]))
+        finally:
+            self.loop.close()
 
     def start(self) -> ThreadedServer:
         self._thread.start()
@@ -62,6 +88,15 @@ class ThreadedServer:
                 raise RuntimeError("test server did not start")
             time.sleep(0.005)
         return self
+
+    def call(self, fn: Any, *args: Any, timeout: float = 5.0) -> Any:
+        """Run ``fn(*args)`` on the server's event loop thread and return its result."""
+        assert self.loop is not None
+
+        async def run() -> Any:
+            return fn(*args)
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
 
     def stop(self) -> None:
         self.server.should_exit = True
