@@ -21,7 +21,7 @@ from gateway.observability.metrics import GatewayMetrics
 from gateway.proxy.headers import TrustedProxies
 from gateway.routing.builder import build_table
 from gateway.routing.table import RoutingTable
-from gateway.upstream.registry import PoolRegistry
+from gateway.upstream.registry import EndpointRegistry, PoolRegistry
 
 log = logging.getLogger("octopus")
 
@@ -32,9 +32,10 @@ class Gateway:
     def __init__(self, settings: Any) -> None:
         self.settings = settings
         self.pools = PoolRegistry()
+        self.endpoints = EndpointRegistry(self.pools)
         self.metrics = GatewayMetrics()
         self.trusted_proxies = TrustedProxies(settings.server.trusted_proxies)
-        self.table: RoutingTable = build_table(settings, self.pools, version=1)
+        self.table: RoutingTable = build_table(settings, self.endpoints, version=1)
         self.started = False
         self.ready = False
         #: Set when shutdown begins: readiness turns 503 so load balancers stop sending.

@@ -188,6 +188,8 @@ class RouteSettings(ConfigModel):
     rewrite: list[RewriteRule] = Field(default_factory=list)
     timeout: Duration | None = None
     retries: NonNegativeInt | None = None
+    #: Let retries also repeat POST/PATCH on this route (gateway extension; off).
+    retry_non_idempotent: bool = False
     #: Names of top-level ``plugins`` entries, run after the global ``middleware``.
     plugins: list[str] = Field(default_factory=list)
 

@@ -24,7 +24,17 @@ __all__ = ["UNSUPPORTED", "find_unsupported", "unsupported_features"]
 
 Predicate = Callable[[Any], bool]
 
-_SUPPORTED_BACKENDS = (None, "file", "static")
+_SUPPORTED_BACKENDS = (
+    None,
+    "file",
+    "static",
+    "etcd",
+    "redis",
+    "dns",
+    "consul",
+    "kubernetes",
+    "eureka",
+)
 _SUPPORTED_BALANCERS = (None, "round-robin", "weighted")
 
 
@@ -56,18 +66,6 @@ UNSUPPORTED: list[tuple[str, Predicate, str]] = [
     ("server.grpc_port", _is_set, "the gRPC listener is not supported yet"),
     ("tls.client_ca", _is_set, "client certificate verification is not supported yet"),
     ("observability.tracing.enabled", lambda value: value is True, "tracing is not supported yet"),
-    ("upstreams.*.health_check", _is_set, "active health checks are not supported yet"),
-    ("routing.health_check", _is_set, "active health checks are not supported yet"),
-    ("upstreams.*.circuit_breaker", _is_set, "circuit breakers are not supported yet"),
-    ("routing.circuit_breaker", _is_set, "circuit breakers are not supported yet"),
-    (
-        "upstreams.*.load_balance",
-        _balancer_unsupported,
-        "load_balance {value!r} is not supported yet",
-    ),
-    ("routing.load_balance", _balancer_unsupported, "load_balance {value!r} is not supported yet"),
-    ("upstreams.*.hash_on", _is_set, "hash_on is not supported yet"),
-    ("routing.hash_on", _is_set, "hash_on is not supported yet"),
     (
         "upstreams.*.endpoints[*].url",
         _is_http2_url,

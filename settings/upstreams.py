@@ -164,12 +164,23 @@ class UpstreamTuning(ConfigModel):
     connect_timeout: Duration | None = None
     read_timeout: Duration | None = None
     retries: NonNegativeInt | None = None
+    #: Upstream statuses that make an idempotent request go to another endpoint
+    #: (gateway extension; default 502, 503, 504).
+    retry_on_status: list[int] | None = None
     health_check: HealthCheckSettings | None = None
     circuit_breaker: CircuitBreakerSettings | None = None
     tls: UpstreamTLSSettings | None = None
     # Gateway extensions (not in the seed): pool size and keep-alive per upstream.
     max_connections: PositiveInt | None = None
     idle_timeout: Duration | None = None
+
+    @field_validator("retry_on_status")
+    @classmethod
+    def _check_statuses(cls, value: list[int] | None) -> list[int] | None:
+        for status in value or ():
+            if not 500 <= status <= 599:
+                raise ValueError(f"retry_on_status holds 5xx statuses only, not {status}")
+        return value
 
     @field_validator("hash_on")
     @classmethod
@@ -203,6 +214,7 @@ class RoutingDefaults(UpstreamTuning):
     connect_timeout: Duration = 5.0
     read_timeout: Duration = 60.0
     retries: NonNegativeInt = 2
+    retry_on_status: list[int] = Field(default_factory=lambda: [502, 503, 504])
     max_connections: PositiveInt = 512
     idle_timeout: Duration = 60.0
 
@@ -219,6 +231,7 @@ class ResolvedUpstream:
     connect_timeout: float
     read_timeout: float
     retries: int
+    retry_on_status: list[int]
     health_check: HealthCheckSettings | None
     circuit_breaker: CircuitBreakerSettings | None
     tls: UpstreamTLSSettings | None

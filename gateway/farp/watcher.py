@@ -60,6 +60,12 @@ class FarpWatcher:
         self.pushed: dict[str, DiscoveredInstance] = {}  # from the push API
         self._snapshots: dict[int, list[DiscoveredInstance]] = {}
         self._first_seen: dict[tuple[str, str], float] = {}
+        #: source key -> fingerprint of the document last rejected as invalid there. The
+        #: same document is not validated, counted and logged again on every rebuild.
+        self._rejected: dict[str, str] = {}
+        #: Set by ``_accept`` when a schema fetch failed: worth retrying, unlike a
+        #: manifest that is invalid (it stays invalid until its source changes).
+        self._fetch_failed = False
         self._changed = asyncio.Event()
         self._rebuilt = asyncio.Condition()
         self._generation = 0
@@ -133,20 +139,25 @@ class FarpWatcher:
         for index in sorted(self._snapshots):
             discovered.extend(self._snapshots[index])
         discovered.extend(self.pushed.values())
-        retry_needed = False
+        self._fetch_failed = False
         accepted: dict[str, AcceptedInstance] = {}
         for instance in discovered:
             result = await self._accept(instance)
             if result is None:
-                retry_needed = retry_needed or instance.key not in self.accepted
                 previous = self.accepted.get(instance.key)
                 if previous is not None:
                     accepted[instance.key] = previous
                 continue
             accepted[instance.key] = result
+        retry_needed = self._fetch_failed
         self.accepted = accepted
+        present = {instance.key for instance in discovered}
+        self._rejected = {k: v for k, v in self._rejected.items() if k in present}
         manifests = [entry.manifest for entry in accepted.values()]
         now = time.time()
+        # An instance that left and comes back is a new registration (conflict ties).
+        live = {manifest.key for manifest in manifests}
+        self._first_seen = {k: v for k, v in self._first_seen.items() if k in live}
         for manifest in manifests:
             self._first_seen.setdefault(manifest.key, now)
         documents = {entry.manifest.key: entry.documents for entry in accepted.values()}
@@ -154,7 +165,7 @@ class FarpWatcher:
         self._version += 1
         table = build_table(
             self.gateway.settings,
-            self.gateway.pools,
+            self.gateway.endpoints,
             version=self._version,
             services=services,
             conflicts=conflicts,
@@ -184,24 +195,27 @@ class FarpWatcher:
         metrics = self.gateway.metrics
         document = instance.manifest
         if document is None:
-            metrics.farp_rejected.labels("no_manifest").inc()
-            log.warning("instance without a manifest ignored", extra={"source": instance.key})
+            self._reject(instance.key, "", "no_manifest", "instance without a manifest ignored")
             return None
         try:
             fingerprint = hashlib.sha256(canonical_json(document)).hexdigest()
         except (TypeError, ValueError) as exc:
-            metrics.farp_rejected.labels("invalid").inc()
-            log.warning("manifest rejected", extra={"source": instance.key, "reason": str(exc)})
+            mark = "unencodable:" + hashlib.sha256(repr(document).encode()).hexdigest()
+            self._reject(instance.key, mark, "invalid", str(exc))
             return None
         previous = self.accepted.get(instance.key)
         if previous is not None and previous.fingerprint == fingerprint:
             return previous
+        if self._rejected.get(instance.key) == fingerprint:
+            return None  # rejected before, already counted and logged
         try:
             manifest = parse_manifest(document, address=instance.address)
         except ManifestError as exc:
             reason = "checksum" if exc.field == "checksum" else "invalid"
-            metrics.farp_rejected.labels(reason).inc()
-            log.warning("manifest rejected", extra={"source": instance.key, "reason": str(exc)})
+            self._reject(instance.key, fingerprint, reason, str(exc))
+            return None
+        except Exception as exc:  # a shape the validator did not foresee is still invalid
+            self._reject(instance.key, fingerprint, "invalid", f"{type(exc).__name__}: {exc}")
             return None
         base_url = f"http://{manifest.instance.address}" if manifest.instance else None
         read_key = self._key_reader()
@@ -212,6 +226,7 @@ class FarpWatcher:
                     descriptor, base_url=base_url, read_key=read_key
                 )
             except SchemaError as exc:
+                self._fetch_failed = True
                 metrics.farp_fetch_failures.labels(exc.reason).inc()
                 log.warning(
                     "schema fetch failed, keeping the last good version",
@@ -220,7 +235,16 @@ class FarpWatcher:
                 return None
         if previous is None or previous.manifest.checksum != manifest.checksum:
             metrics.farp_schema_updates.labels(manifest.service_name).inc()
+        self._rejected.pop(instance.key, None)
         return AcceptedInstance(fingerprint, manifest, documents)
+
+    def _reject(self, key: str, mark: str, reason: str, message: str) -> None:
+        """Count and log a rejected manifest once per distinct document at ``key``."""
+        if self._rejected.get(key) == mark:
+            return
+        self._rejected[key] = mark
+        self.gateway.metrics.farp_rejected.labels(reason).inc()
+        log.warning("manifest rejected", extra={"source": key, "reason": message})
 
     def _key_reader(self) -> Any:
         async def read_key(path: str) -> bytes | None:

@@ -21,8 +21,15 @@ from gateway.errors import send_error
 from gateway.proxy.headers import TrustedProxies, build_request_head, filter_response_headers
 from gateway.routing.table import Route
 from gateway.types import Receive, Scope, Send
-from gateway.upstream.errors import ConnectFailed, UpstreamError, UpstreamTimeout
+from gateway.upstream.errors import (
+    ConnectFailed,
+    NoEndpoint,
+    UpstreamError,
+    UpstreamStatus,
+    UpstreamTimeout,
+)
 from gateway.upstream.http1 import H1Connection
+from gateway.upstream.retry_budget import backoff_delay
 from gateway.upstream.upstream import Endpoint, Upstream
 
 log = logging.getLogger("octopus.proxy")
@@ -141,24 +148,43 @@ class HttpProxy:
             framing = None
             streaming = False
         rid = request_id.encode()
+        trusted = bool(self.trusted) and self.trusted.trusts(client_ip)
+        scheme = scope.get("scheme", "http")
+        method_bytes = method.encode()
+        replayable = not streaming  # the whole body is in hand
+        idempotent = method in IDEMPOTENT or route.retry_non_idempotent
+        budget = upstream.budget
+        budget.record_request()
+        key = upstream.balancer.key_for(client_ip, headers) if upstream.uses_key else None
         tried: list[Endpoint] = []
         attempts = 1 + max(retries, 0)
+        last_error: UpstreamError | None = None
         for attempt in range(attempts):
+            if attempt:
+                # Retries are spent from a budget (at most ~20% extra load) and spaced
+                # with jittered backoff, so they cannot turn an outage into a storm.
+                if not budget.try_acquire_retry():
+                    break
+                delay = backoff_delay(attempt - 1)
+                if deadline is not None and monotonic() + delay >= deadline:
+                    break
+                await asyncio.sleep(delay)
             try:
-                endpoint = upstream.pick(tried)
+                endpoint = _pick(upstream, tried, key)
             except UpstreamError as exc:
-                await send_error(send, exc.status, str(exc), request_id)
-                return Outcome(exc.status)
+                if last_error is None:
+                    last_error = exc
+                break
             tried.append(endpoint)
             head = build_request_head(
-                method.encode(),
+                method_bytes,
                 target,
                 endpoint.host_header,
                 headers,
                 client_ip=client_ip,
-                scheme=scope.get("scheme", "http"),
+                scheme=scheme,
                 request_id=rid,
-                trusted=bool(self.trusted) and self.trusted.trusts(client_ip),
+                trusted=trusted,
                 body_framing=framing,
             )
             try:
@@ -174,13 +200,22 @@ class HttpProxy:
                     more_body,
                     deadline,
                     request_id,
+                    retry_status=attempt + 1 < attempts and replayable and idempotent,
+                    replay_ok=replayable and idempotent,
                 )
             except _Retry as retry:
-                if attempt + 1 >= attempts or (deadline is not None and monotonic() >= deadline):
-                    await send_error(send, retry.error.status, str(retry.error), request_id)
-                    return Outcome(retry.error.status, endpoint=endpoint)
+                last_error = retry.error
                 log.debug("retrying %s %s after %s", method, route.name, retry.error)
-        raise AssertionError("unreachable")  # pragma: no cover
+        assert last_error is not None
+        if isinstance(last_error, UpstreamStatus):
+            # Out of retries on a retryable status: no upstream answer was kept to relay.
+            last_error = UpstreamError(f"upstream answered {last_error.upstream_status}")
+        log.info(
+            "upstream request failed",
+            extra={"request_id": request_id, "upstream": upstream.name, "reason": str(last_error)},
+        )
+        await send_error(send, last_error.status, last_error.public_message, request_id)
+        return Outcome(last_error.status, endpoint=tried[-1] if tried else None)
 
     async def _exchange(
         self,
@@ -195,6 +230,9 @@ class HttpProxy:
         more_body: bool,
         deadline: float | None,
         request_id: str,
+        *,
+        retry_status: bool,
+        replay_ok: bool,
     ) -> Outcome:
         policy = upstream.policy
         method = scope["method"]
@@ -203,15 +241,19 @@ class HttpProxy:
         try:
             conn, reused = await pool.acquire(connect_timeout)
         except ConnectFailed as exc:
+            upstream.record(endpoint, False)
             raise _Retry(exc) from None
         except UpstreamError as exc:
-            await send_error(send, exc.status, str(exc), request_id)
+            _release_probe(endpoint)
+            log.info("upstream unavailable", extra={"request_id": request_id, "reason": str(exc)})
+            await send_error(send, exc.status, exc.public_message, request_id)
             return Outcome(exc.status, endpoint=endpoint)
 
         endpoint.in_flight += 1
         started = monotonic()
+        verdict: bool | None = None  # the attempt's result for breaker and outlier detection
         try:
-            return await self._run(
+            outcome = await self._run(
                 scope,
                 receive,
                 send,
@@ -226,14 +268,30 @@ class HttpProxy:
                 request_id,
                 reused,
                 endpoint,
+                retry_status=retry_status and bool(policy.retry_statuses),
+                retry_statuses=policy.retry_statuses,
+                replay_ok=replay_ok,
             )
+            if outcome.upstream_status is not None:
+                verdict = outcome.upstream_status < 500
+            elif outcome.status in (502, 504):
+                verdict = False
+            return outcome
+        except _Retry as retry:
+            if isinstance(retry.error, UpstreamStatus) or not reused:
+                verdict = False
+            raise
+        except ResponseAborted:
+            verdict = False
+            raise
         finally:
             endpoint.in_flight -= 1
-            elapsed_ms = (monotonic() - started) * 1000.0
-            endpoint.ewma_ms = (
-                elapsed_ms if not endpoint.ewma_ms else (0.8 * endpoint.ewma_ms + 0.2 * elapsed_ms)
-            )
+            endpoint.latency.observe((monotonic() - started) * 1000.0)
             pool.release(conn)
+            if verdict is None:
+                _release_probe(endpoint)
+            else:
+                upstream.record(endpoint, verdict)
 
     async def _run(
         self,
@@ -251,10 +309,16 @@ class HttpProxy:
         request_id: str,
         reused: bool,
         endpoint: Endpoint,
+        *,
+        retry_status: bool = False,
+        retry_statuses: frozenset[int] = frozenset(),
+        replay_ok: bool = False,
     ) -> Outcome:
         head_only = method == "HEAD"
         if streaming:
-            conn.start(head + (_chunk(body) if body else b""), head_only=head_only)
+            conn.start(head, head_only=head_only)
+            if body:
+                conn.write_chunk(body)
             sent = len(body)
             outcome = await self._stream_body(receive, send, conn, sent, more_body, request_id)
             if outcome is not None:
@@ -266,17 +330,20 @@ class HttpProxy:
             status, upstream_headers = await conn.read_head(_remaining(deadline, None))
         except UpstreamError as exc:
             if (
-                reused
-                and not conn.received_any
-                and not streaming
-                and method in IDEMPOTENT
+                not conn.received_any
                 and not isinstance(exc, UpstreamTimeout)
+                and (replay_ok or (reused and not streaming and method in IDEMPOTENT))
             ):
-                # A keep-alive connection the upstream had just closed: nothing was acted on.
+                # Reset before any response byte (often a keep-alive connection the upstream
+                # had just closed): the request can go to another endpoint.
                 raise _Retry(exc) from None
             conn.abort()
-            await send_error(send, exc.status, str(exc), request_id)
+            log.info("upstream failed", extra={"request_id": request_id, "reason": str(exc)})
+            await send_error(send, exc.status, exc.public_message, request_id)
             return Outcome(exc.status, endpoint=endpoint)
+        if retry_status and status in retry_statuses:
+            conn.abort()
+            raise _Retry(UpstreamStatus(status))
 
         rid = request_id.encode()
         response_headers = filter_response_headers(upstream_headers, rid)
@@ -337,13 +404,13 @@ class HttpProxy:
                 await self._too_large(send, request_id)
                 return Outcome(413)
             if chunk:
-                conn.write(_chunk(chunk))
+                conn.write_chunk(chunk)
             try:
                 await conn.drain()
             except UpstreamError:
                 conn.keep_alive = False
                 return None  # read_head reports what the upstream said or why it failed
-        conn.write(b"0\r\n\r\n")
+        conn.end_chunks()
         return None
 
     async def _too_large(self, send: Send, request_id: str) -> None:
@@ -405,10 +472,6 @@ class _Retry(Exception):
         self.error = error
 
 
-def _chunk(data: bytes) -> bytes:
-    return b"%x\r\n%b\r\n" % (len(data), data)
-
-
 def _remaining(deadline: float | None, cap: float | None) -> float | None:
     if deadline is None:
         return cap
@@ -439,3 +502,20 @@ def make_request_id(headers: list[tuple[bytes, bytes]]) -> str:
                 return value.decode("ascii")
             break
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
+def _pick(upstream: Upstream, tried: list[Endpoint], key: str | None) -> Endpoint:
+    """An endpoint whose breaker admits this attempt (taking a half-open probe slot)."""
+    skipped: list[Endpoint] = []
+    for _ in range(len(upstream.endpoints)):
+        endpoint = upstream.pick((*tried, *skipped) if skipped else tried, key)
+        breaker = endpoint.breaker
+        if breaker is None or breaker.allow():
+            return endpoint
+        skipped.append(endpoint)
+    raise NoEndpoint(f"upstream {upstream.name!r} has no available endpoint")
+
+
+def _release_probe(endpoint: Endpoint) -> None:
+    if endpoint.breaker is not None:
+        endpoint.breaker.release_probe()

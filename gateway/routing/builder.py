@@ -2,7 +2,8 @@
 
 Given the same settings (and, later, the same FARP manifests) it builds an equal table;
 it never touches the network. Upstream objects are created here, their connection
-pools come from the long-lived ``PoolRegistry`` so a rebuild keeps warm connections.
+endpoints (with their pools, health and breakers) come from the long-lived
+``EndpointRegistry`` so a rebuild keeps warm connections and live state.
 """
 
 from __future__ import annotations
@@ -10,30 +11,42 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 from gateway.farp.routes import FarpService, GeneratedRoute
 from gateway.routing.table import Route, RoutingTable
 from gateway.routing.template import compile_template
-from gateway.upstream.registry import PoolRegistry
-from gateway.upstream.upstream import Endpoint, EndpointAddress, Upstream, UpstreamPolicy
+from gateway.upstream.registry import EndpointRegistry
+from gateway.upstream.upstream import EndpointAddress, Upstream, UpstreamPolicy
 
 log = logging.getLogger("octopus.routing")
 
 log = logging.getLogger("octopus.routing")
+
+#: FARP instances are health-checked at their ``endpoints.health`` unless the
+#: ``routing.health_check`` defaults say otherwise.
+FARP_HEALTH_DEFAULT = SimpleNamespace(
+    type="http",
+    path="/health",
+    interval=10.0,
+    timeout=2.0,
+    healthy_threshold=2,
+    unhealthy_threshold=3,
+)
 
 _DOLLAR_GROUP = re.compile(r"\$(\d+)|\$\{(\w+)\}")
 
 
 def build_table(
     settings: Any,
-    pools: PoolRegistry,
+    endpoints: EndpointRegistry,
     version: int = 0,
     services: Sequence[FarpService] = (),
     conflicts: Sequence[dict[str, Any]] = (),
 ) -> RoutingTable:
     """Compile static ``upstreams``/``routes`` plus FARP services into a RoutingTable."""
-    upstreams = {name: build_upstream(settings, name, pools) for name in settings.upstreams}
+    upstreams = {name: build_upstream(settings, name, endpoints) for name in settings.upstreams}
     routes = [build_route(index, route, upstreams) for index, route in enumerate(settings.routes)]
     order = len(routes)
     for service in services:
@@ -43,37 +56,60 @@ def build_table(
                 service.upstream_name,
             )
         else:
-            upstreams[service.upstream_name] = build_farp_upstream(settings, service, pools)
+            upstreams[service.upstream_name] = build_farp_upstream(settings, service, endpoints)
         for generated in service.routes:
             routes.append(build_farp_route(order, service, generated, upstreams))
             order += 1
+    endpoints.retain(
+        {(name, e.url) for name, upstream in upstreams.items() for e in upstream.endpoints}
+    )
     return RoutingTable.build(routes, upstreams, conflicts=conflicts, version=version)
 
 
-def build_farp_upstream(settings: Any, service: FarpService, pools: PoolRegistry) -> Upstream:
-    """An upstream whose endpoints are the service's serving instances; tuning from
-    the ``routing:`` defaults."""
+def _policy(resolved: Any) -> UpstreamPolicy:
+    return UpstreamPolicy(
+        timeout=resolved.timeout,
+        connect_timeout=resolved.connect_timeout,
+        read_timeout=resolved.read_timeout,
+        retries=resolved.retries or 0,
+        retry_statuses=frozenset(resolved.retry_on_status or ()),
+    )
+
+
+def build_farp_upstream(
+    settings: Any, service: FarpService, registry: EndpointRegistry
+) -> Upstream:
+    """An upstream whose endpoints are the service's serving instances, tuned by the
+    ``routing:`` defaults, health-checked at each instance's ``endpoints.health``."""
     defaults = settings.routing
+    health_paths = {
+        f"http://{m.instance.address}": m.health_path
+        for m in service.manifests
+        if m.instance is not None and m.instance.address
+    }
     endpoints = []
     for url, weight in service.endpoints:
         address = EndpointAddress.parse(url)
-        pool = pools.pool_for(
-            address,
-            max_connections=defaults.max_connections or 512,
-            idle_timeout=defaults.idle_timeout or 60.0,
+        endpoints.append(
+            registry.endpoint_for(
+                service.upstream_name,
+                address,
+                weight,
+                max_connections=defaults.max_connections or 512,
+                idle_timeout=defaults.idle_timeout or 60.0,
+                breaker=defaults.circuit_breaker,
+                health_path=health_paths.get(url),
+            )
         )
-        endpoints.append(Endpoint(address=address, weight=weight, pool=pool))
-    policy = UpstreamPolicy(
-        timeout=defaults.timeout,
-        connect_timeout=defaults.connect_timeout,
-        read_timeout=defaults.read_timeout,
-        retries=defaults.retries or 0,
-    )
     return Upstream(
         name=service.upstream_name,
         endpoints=endpoints,
-        load_balance="weighted" if len({w for _, w in service.endpoints}) > 1 else "round-robin",
-        policy=policy,
+        load_balance=defaults.load_balance
+        if defaults.load_balance not in (None, "round-robin")
+        else ("weighted" if len({w for _, w in service.endpoints}) > 1 else "round-robin"),
+        policy=_policy(defaults),
+        hash_on=defaults.hash_on,
+        health_check=defaults.health_check or FARP_HEALTH_DEFAULT,
     )
 
 
@@ -96,31 +132,29 @@ def build_farp_route(
     )
 
 
-def build_upstream(settings: Any, name: str, pools: PoolRegistry) -> Upstream:
+def build_upstream(settings: Any, name: str, registry: EndpointRegistry) -> Upstream:
     resolved = settings.upstream_config(name)
     tls = resolved.tls
-    endpoints = []
-    for endpoint in resolved.endpoints:
-        address = EndpointAddress.parse(endpoint.url)
-        pool = pools.pool_for(
-            address,
+    endpoints = [
+        registry.endpoint_for(
+            name,
+            EndpointAddress.parse(endpoint.url),
+            endpoint.weight,
             verify=tls.verify if tls is not None else True,
             ca=tls.ca if tls is not None else None,
             max_connections=resolved.max_connections or 512,
             idle_timeout=resolved.idle_timeout or 60.0,
+            breaker=resolved.circuit_breaker,
         )
-        endpoints.append(Endpoint(address=address, weight=endpoint.weight, pool=pool))
-    policy = UpstreamPolicy(
-        timeout=resolved.timeout,
-        connect_timeout=resolved.connect_timeout,
-        read_timeout=resolved.read_timeout,
-        retries=resolved.retries or 0,
-    )
+        for endpoint in resolved.endpoints
+    ]
     return Upstream(
         name=name,
         endpoints=endpoints,
         load_balance=resolved.load_balance or "round-robin",
-        policy=policy,
+        policy=_policy(resolved),
+        hash_on=resolved.hash_on,
+        health_check=resolved.health_check,
     )
 
 
@@ -163,6 +197,7 @@ def build_route(
         retries=config.retries,
         plugins=tuple(config.plugins),
         order=index,
+        retry_non_idempotent=config.retry_non_idempotent,
     )
 
 

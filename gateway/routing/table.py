@@ -47,6 +47,7 @@ class Route:
     #: (FARP routes: the service's own path, whatever the public mount and rewrites).
     upstream_template: str | None = None
     kind: str = "http"  # http | websocket | sse | graphql
+    retry_non_idempotent: bool = False
 
     @property
     def path(self) -> str:

@@ -13,20 +13,32 @@ class UpstreamError(GatewayError):
     #: True when the upstream cannot have acted on the request (nothing was sent,
     #: or the connection died before any response byte on a reused connection).
     retryable = False
+    #: What the client is told. The detail (addresses, TLS errors) goes to the log only:
+    #: an error page must not map the internal network.
+    public = "the upstream failed"
+
+    @property
+    def public_message(self) -> str:
+        return self.public
 
 
 class ConnectFailed(UpstreamError):
     """The TCP/TLS connection could not be made (refused, unreachable, handshake)."""
 
     retryable = True
+    public = "could not connect to the upstream"
 
 
 class ConnectionReset(UpstreamError):
     """The connection closed or reset before the response was complete."""
 
+    public = "the upstream closed the connection"
+
 
 class UpstreamProtocolError(UpstreamError):
     """The upstream sent bytes that are not a valid HTTP/1.1 response."""
+
+    public = "the upstream sent an invalid response"
 
 
 class UpstreamTimeout(UpstreamError):
@@ -34,10 +46,13 @@ class UpstreamTimeout(UpstreamError):
 
     status = 504
     code = "gateway_timeout"
+    public = "the upstream did not answer in time"
 
 
 class PoolTimeout(UpstreamTimeout):
     """Every connection to the endpoint stayed busy until the deadline."""
+
+    public = "the upstream is saturated: no connection became free in time"
 
 
 class NoEndpoint(UpstreamError):
@@ -45,3 +60,15 @@ class NoEndpoint(UpstreamError):
 
     status = 503
     code = "service_unavailable"
+
+    @property
+    def public_message(self) -> str:
+        return str(self)  # names the upstream, never an address
+
+
+class UpstreamStatus(UpstreamError):
+    """The upstream answered with a status this route retries (502/503/504)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"upstream answered {status}", status)
+        self.upstream_status = status

@@ -208,6 +208,15 @@ class H1Connection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
+    def write_chunk(self, data: bytes) -> None:
+        """One piece of a streamed request body (chunked transfer coding)."""
+        if data:
+            self.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+    def end_chunks(self) -> None:
+        """The end of a streamed request body."""
+        self.write(b"0\r\n\r\n")
+
     async def drain(self) -> None:
         """Wait while the socket's write buffer is above its high-water mark."""
         if self.closed:

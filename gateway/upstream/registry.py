@@ -6,9 +6,13 @@ how, and a new table built with the same endpoint gets the same pool back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+from gateway.upstream.breaker import CircuitBreaker
 from gateway.upstream.pool import ConnectionPool
 from gateway.upstream.tls import client_context
-from gateway.upstream.upstream import EndpointAddress
+from gateway.upstream.upstream import Endpoint, EndpointAddress
 
 PoolKey = tuple[str, str, int, bool, str | None, int, float]
 
@@ -55,3 +59,78 @@ class PoolRegistry:
         for pool in self._pools.values():
             await pool.close()
         self._pools.clear()
+
+
+BreakerListener = Callable[[str, str, str, str], None]
+
+
+class EndpointRegistry:
+    """Endpoints that outlive routing tables, keyed by (upstream name, endpoint URL).
+
+    A rebuilt table gets the same Endpoint objects back, so in-flight counts, latency,
+    health and circuit-breaker state survive hot swaps. Settings that change (weight,
+    breaker configuration, health path) are applied to the kept object.
+    """
+
+    def __init__(self, pools: PoolRegistry) -> None:
+        self.pools = pools
+        self._endpoints: dict[tuple[str, str], tuple[Endpoint, Any]] = {}
+        #: Told (upstream, url, old state, new state) on every breaker transition.
+        self.on_breaker_change: BreakerListener | None = None
+
+    def endpoint_for(
+        self,
+        upstream: str,
+        address: EndpointAddress,
+        weight: int,
+        *,
+        verify: bool = True,
+        ca: str | None = None,
+        max_connections: int = 512,
+        idle_timeout: float = 60.0,
+        breaker: Any = None,
+        health_path: str | None = None,
+    ) -> Endpoint:
+        key = (upstream, address.url)
+        pool = self.pools.pool_for(
+            address,
+            verify=verify,
+            ca=ca,
+            max_connections=max_connections,
+            idle_timeout=idle_timeout,
+        )
+        known = self._endpoints.get(key)
+        if known is not None and known[0].pool is pool:
+            endpoint, breaker_settings = known
+            endpoint.weight = weight
+            endpoint.health_path = health_path
+            if breaker_settings != breaker:
+                endpoint.breaker = self._breaker(upstream, address.url, breaker)
+                self._endpoints[key] = (endpoint, breaker)
+            return endpoint
+        endpoint = Endpoint(
+            address,
+            weight,
+            pool,
+            breaker=self._breaker(upstream, address.url, breaker),
+            health_path=health_path,
+        )
+        self._endpoints[key] = (endpoint, breaker)
+        return endpoint
+
+    def retain(self, keys: set[tuple[str, str]]) -> None:
+        """Forget endpoints no table uses any more."""
+        for key in list(self._endpoints):
+            if key not in keys:
+                del self._endpoints[key]
+
+    def _breaker(self, upstream: str, url: str, settings: Any) -> CircuitBreaker | None:
+        if settings is None:
+            return None
+        listener = self.on_breaker_change
+
+        def changed(old: str, new: str) -> None:
+            if listener is not None:
+                listener(upstream, url, old, new)
+
+        return CircuitBreaker.from_settings(settings, on_change=changed)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.upstream.balancing import PeakEwma, make_balancer
+from gateway.upstream.breaker import CircuitBreaker
 from gateway.upstream.errors import NoEndpoint
+from gateway.upstream.outlier import OutlierDetector
 from gateway.upstream.pool import ConnectionPool
+from gateway.upstream.retry_budget import RetryBudget
 
 DEFAULT_PORTS = {"http": 80, "https": 443, "h2c": 80, "h2": 443}
 
@@ -50,24 +54,75 @@ class EndpointAddress:
         return (host if self.port == default else f"{host}:{self.port}").encode()
 
 
-@dataclass(slots=True)
 class Endpoint:
-    """One endpoint of an upstream; ``in_flight`` and ``healthy`` are its live state."""
+    """One endpoint of an upstream and its live state.
 
-    address: EndpointAddress
-    weight: int
-    pool: ConnectionPool
-    healthy: bool = True
-    in_flight: int = 0
-    ewma_ms: float = 0.0
-    host_header: bytes = b""
+    Endpoint objects outlive routing tables (``EndpointRegistry``), so a table swap keeps
+    in-flight counts, latency, health and breaker state.
+    """
 
-    def __post_init__(self) -> None:
-        self.host_header = self.address.host_header
+    __slots__ = (
+        "address",
+        "breaker",
+        "ejected",
+        "health_path",
+        "healthy",
+        "host_header",
+        "in_flight",
+        "latency",
+        "pool",
+        "weight",
+    )
+
+    def __init__(
+        self,
+        address: EndpointAddress,
+        weight: int,
+        pool: ConnectionPool,
+        *,
+        breaker: CircuitBreaker | None = None,
+        health_path: str | None = None,
+    ) -> None:
+        self.address = address
+        self.weight = weight
+        self.pool = pool
+        self.breaker = breaker
+        self.health_path = health_path
+        self.healthy = True
+        self.in_flight = 0
+        self.latency = PeakEwma()
+        #: Set by the upstream's outlier detector; read by ``available``.
+        self.ejected: Callable[[Endpoint], bool] | None = None
+        self.host_header = address.host_header
 
     @property
     def url(self) -> str:
         return self.address.url
+
+    @property
+    def ewma_ms(self) -> float:
+        return self.latency.value
+
+    @property
+    def is_ejected(self) -> bool:
+        return self.ejected is not None and self.ejected(self)
+
+    @property
+    def available(self) -> bool:
+        """Takes new requests: healthy, not ejected, breaker not refusing, weight > 0."""
+        if not self.healthy or self.weight <= 0:
+            return False
+        breaker = self.breaker
+        if breaker is not None and not breaker.available:
+            return False
+        return not (self.ejected is not None and self.ejected(self))
+
+    @property
+    def breaker_state(self) -> str:
+        return self.breaker.state if self.breaker is not None else "closed"
+
+    def __repr__(self) -> str:
+        return f"Endpoint({self.url!r}, weight={self.weight})"
 
 
 @dataclass(slots=True)
@@ -78,66 +133,58 @@ class UpstreamPolicy:
     connect_timeout: float | None = 5.0
     read_timeout: float | None = 60.0
     retries: int = 2
+    retry_statuses: frozenset[int] = frozenset({502, 503, 504})
 
 
-@dataclass(slots=True)
 class Upstream:
-    """A named set of endpoints with its balancing policy."""
+    """A named set of endpoints with its balancer, outlier detector and retry budget.
 
-    name: str
-    endpoints: list[Endpoint]
-    load_balance: str = "round-robin"
-    policy: UpstreamPolicy = field(default_factory=UpstreamPolicy)
-    _cycle: itertools.cycle[Endpoint] | None = None
-    _weighted_current: list[int] = field(default_factory=list)
+    Built with each routing table; the endpoints themselves persist across tables.
+    """
 
-    def __post_init__(self) -> None:
-        self._cycle = itertools.cycle(self.endpoints) if self.endpoints else None
-        self._weighted_current = [0] * len(self.endpoints)
+    def __init__(
+        self,
+        name: str,
+        endpoints: list[Endpoint],
+        load_balance: str = "round-robin",
+        policy: UpstreamPolicy | None = None,
+        *,
+        hash_on: str | None = None,
+        health_check: Any = None,
+        outlier_detection: bool = True,
+    ) -> None:
+        self.name = name
+        self.endpoints = endpoints
+        self.load_balance = load_balance
+        self.policy = policy or UpstreamPolicy()
+        self.hash_on = hash_on
+        self.health_check = health_check
+        self.balancer = make_balancer(load_balance, endpoints, hash_on)
+        self.uses_key = load_balance == "consistent-hash"
+        self.budget = RetryBudget()
+        self.outlier: OutlierDetector[Endpoint] | None = None
+        if outlier_detection and len(endpoints) > 1:
+            self.outlier = OutlierDetector(endpoints)
+            for endpoint in endpoints:
+                endpoint.ejected = self.outlier.is_ejected
 
-    def pick(self, exclude: Sequence[Endpoint] = ()) -> Endpoint:
+    def pick(self, exclude: Collection[Endpoint] = (), key: str | None = None) -> Endpoint:
         """The endpoint for the next attempt, avoiding ``exclude`` when another exists."""
-        endpoints = self.endpoints
-        if len(endpoints) == 1:
-            only = endpoints[0]
-            if only.healthy and only.weight > 0:
-                return only
-            raise NoEndpoint(f"upstream {self.name!r} has no healthy endpoint")
-        if self.load_balance == "weighted":
-            chosen = self._pick_weighted(exclude)
-        else:
-            chosen = self._pick_round_robin(exclude)
+        chosen = self.balancer.pick(key, exclude)
         if chosen is None:
-            raise NoEndpoint(f"upstream {self.name!r} has no healthy endpoint")
+            raise NoEndpoint(f"upstream {self.name!r} has no available endpoint")
         return chosen
 
-    def _pick_round_robin(self, exclude: Sequence[Endpoint]) -> Endpoint | None:
-        if self._cycle is None:
-            return None
-        fallback = None
-        for _ in range(len(self.endpoints)):
-            endpoint = next(self._cycle)
-            if not endpoint.healthy or endpoint.weight <= 0:
-                continue
-            if endpoint in exclude:
-                fallback = fallback or endpoint
-                continue
-            return endpoint
-        return fallback
+    def record(self, endpoint: Endpoint, ok: bool) -> None:
+        """Feed one attempt's result to the endpoint's breaker and the outlier detector."""
+        breaker = endpoint.breaker
+        if breaker is not None:
+            if ok:
+                breaker.record_success()
+            else:
+                breaker.record_failure()
+        if self.outlier is not None:
+            self.outlier.record(endpoint, ok)
 
-    def _pick_weighted(self, exclude: Sequence[Endpoint]) -> Endpoint | None:
-        """Smooth weighted round-robin (nginx's algorithm): even spread, exact ratios."""
-        current = self._weighted_current
-        total = 0
-        best = -1
-        for index, endpoint in enumerate(self.endpoints):
-            if not endpoint.healthy or endpoint.weight <= 0 or endpoint in exclude:
-                continue
-            current[index] += endpoint.weight
-            total += endpoint.weight
-            if best < 0 or current[index] > current[best]:
-                best = index
-        if best < 0:
-            return self._pick_round_robin(()) if exclude else None
-        current[best] -= total
-        return self.endpoints[best]
+    def __repr__(self) -> str:
+        return f"Upstream({self.name!r}, {len(self.endpoints)} endpoints, {self.load_balance})"

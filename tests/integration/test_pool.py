@@ -125,7 +125,7 @@ def test_a_table_swap_keeps_warm_connections(
     gw = make_gateway(config)
     with gw.client() as client:
         assert client.get("/before-swap").status_code == 200
-        gw.gateway.swap(build_table(load_settings(config), gw.gateway.pools, version=2))
+        gw.gateway.swap(build_table(load_settings(config), gw.gateway.endpoints, version=2))
         assert client.get("/after-swap").status_code == 200
     assert len(upstream.peers) == 1
 

@@ -264,7 +264,7 @@ def test_a_swapped_table_serves_the_next_request_while_in_flight_ones_finish_on_
         in_flight = pool.submit(client.get, "/work/slow?delay=1")
         eventually(lambda: upstream.paths == ["/slow"], message="slow request never arrived")
 
-        table = build_table(load_settings(config(replacement.url)), gw.gateway.pools, version=2)
+        table = build_table(load_settings(config(replacement.url)), gw.gateway.endpoints, version=2)
         gw.gateway.swap(table)
 
         with gw.client() as second:

@@ -724,14 +724,6 @@ def test_upstream_config_resolves_against_routing_defaults() -> None:
         ({"plugins": [{"name": "cors"}]}, "plugins[0]: plugins are not supported yet"),
         ({"middleware": ["cors"]}, "middleware: middleware is not supported yet"),
         (
-            {"discovery": {"backend": "etcd"}},
-            "discovery.backend: discovery backend 'etcd' is not supported yet",
-        ),
-        (
-            {"discovery": {"backends": [{"backend": "file"}, {"backend": "consul"}]}},
-            "discovery.backends[1].backend: discovery backend 'consul' is not supported yet",
-        ),
-        (
             {"server": {"grpc_port": 50051}},
             "server.grpc_port: the gRPC listener is not supported yet",
         ),
@@ -742,22 +734,6 @@ def test_upstream_config_resolves_against_routing_defaults() -> None:
         (
             {"observability": {"tracing": {"enabled": True}}},
             "observability.tracing.enabled: tracing is not supported yet",
-        ),
-        (
-            {"upstreams": {"u": {"endpoints": ["http://a:1"], "health_check": {}}}},
-            "upstreams.u.health_check: active health checks are not supported yet",
-        ),
-        (
-            {"routing": {"circuit_breaker": {"failure_threshold": 3}}},
-            "routing.circuit_breaker: circuit breakers are not supported yet",
-        ),
-        (
-            {"upstreams": {"u": {"endpoints": ["http://a:1"], "load_balance": "p2c-ewma"}}},
-            "upstreams.u.load_balance: load_balance 'p2c-ewma' is not supported yet",
-        ),
-        (
-            {"routing": {"hash_on": "header:X-User"}},
-            "routing.hash_on: hash_on is not supported yet",
         ),
         (
             {"upstreams": {"g": {"endpoints": ["http://a:1", "h2c://grpc:50051"]}}},
