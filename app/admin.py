@@ -68,10 +68,10 @@ def services_document(gateway: Gateway) -> dict[str, Any]:
                         "address": endpoint.address.address,
                         "weight": endpoint.weight,
                         "healthy": endpoint.healthy,
-                        "breaker": "closed",
+                        "breaker": endpoint.breaker_state,
                         "in_flight": endpoint.in_flight,
                         "ewma_ms": round(endpoint.ewma_ms, 3),
-                        "ejected": False,
+                        "ejected": endpoint.is_ejected,
                     }
                     for endpoint in upstream.endpoints
                 ],

@@ -21,6 +21,7 @@ from gateway.observability.metrics import GatewayMetrics
 from gateway.proxy.headers import TrustedProxies
 from gateway.routing.builder import build_table
 from gateway.routing.table import RoutingTable
+from gateway.upstream.health_monitor import HealthMonitor
 from gateway.upstream.registry import EndpointRegistry, PoolRegistry
 
 log = logging.getLogger("octopus")
@@ -33,9 +34,10 @@ class Gateway:
         self.settings = settings
         self.pools = PoolRegistry()
         self.endpoints = EndpointRegistry(self.pools)
+        self.endpoints.on_breaker_change = self._breaker_changed
+        self.health = HealthMonitor()
         self.metrics = GatewayMetrics()
         self.trusted_proxies = TrustedProxies(settings.server.trusted_proxies)
-        self.table: RoutingTable = build_table(settings, self.endpoints, version=1)
         self.started = False
         self.ready = False
         #: Set when shutdown begins: readiness turns 503 so load balancers stop sending.
@@ -44,6 +46,8 @@ class Gateway:
         self.farp: FarpWatcher | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._start_lock: asyncio.Lock | None = None
+        self.table: RoutingTable = RoutingTable.empty()
+        self.swap(build_table(settings, self.endpoints, version=1))
 
     @property
     def discovery_state(self) -> list[dict[str, Any]]:
@@ -54,6 +58,12 @@ class Gateway:
     def swap(self, table: RoutingTable) -> None:
         """Make ``table`` the one new requests use."""
         self.table = table
+        for upstream in table.upstreams.values():
+            for endpoint in upstream.endpoints:
+                if endpoint.breaker is not None:
+                    self.metrics.set_breaker(upstream.name, endpoint.url, endpoint.breaker.state)
+        if self.started:
+            self.health.reconcile(table)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run ``coro`` in the background until it ends or ``shutdown()`` cancels it.
@@ -66,6 +76,13 @@ class Gateway:
         self._tasks = [t for t in self._tasks if not t.done()] + [task]
         return task
 
+    def _breaker_changed(self, upstream: str, url: str, old: str, new: str) -> None:
+        log.warning(
+            "circuit breaker changed",
+            extra={"upstream": upstream, "endpoint": url, "from": old, "to": new},
+        )
+        self.metrics.set_breaker(upstream, url, new)
+
     async def startup(self) -> None:
         """Start background work once (lifespan, or the first request when mounted)."""
         if self.started:
@@ -76,6 +93,7 @@ class Gateway:
             if self.started:
                 return
             self.started = True
+            self.health.reconcile(self.table)
             if self.settings.farp.enabled:
                 self.farp = FarpWatcher(
                     self,
@@ -101,5 +119,6 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        await self.health.close()
         await self.pools.close()
         self.started = False

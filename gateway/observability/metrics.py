@@ -96,6 +96,12 @@ class GatewayMetrics:
             ["reason"],
             registry=r,
         )
+        self.breaker_state = Gauge(
+            "octopus_circuit_breaker_state",
+            "Circuit breaker state per endpoint: 0 closed, 1 half-open, 2 open.",
+            ["upstream", "endpoint"],
+            registry=r,
+        )
         self._request_children: dict[tuple[str, int, str], Any] = {}
         self._duration_children: dict[tuple[str, str], Any] = {}
         self._upstream_children: dict[tuple[str, str], Any] = {}
@@ -123,6 +129,10 @@ class GatewayMetrics:
             child = self.upstream_requests.labels(upstream, str(status))
             self._upstream_children[key] = child
         child.inc()
+
+    def set_breaker(self, upstream: str, endpoint: str, state: str) -> None:
+        code = {"closed": 0, "half-open": 1, "open": 2}.get(state, 0)
+        self.breaker_state.labels(upstream, endpoint).set(code)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
