@@ -17,16 +17,19 @@ from typing import Any
 from urllib.parse import quote
 
 from gateway.errors import send_error
+from gateway.extensions.chain import PluginChain
 from gateway.observability.metrics import UNMATCHED
 from gateway.proxy.http import HttpProxy, ResponseAborted, make_request_id
-from gateway.routing.table import NoMatch
+from gateway.routing.table import NoMatch, Route
 from gateway.runtime import Gateway
 from gateway.types import ASGIApp, Receive, Scope, Send
+from plugins.api import RequestContext
 
 log = logging.getLogger("octopus")
 access_log = logging.getLogger("octopus.access")
 
 ADMIN_PREFIXES = ("/_/", "/_farp/")
+_MISSING = object()
 
 
 class GatewayApp:
@@ -43,6 +46,8 @@ class GatewayApp:
         self.access_log = bool(settings.observability.logging.access_log)
         self.serve_admin = serve_admin
         self._admin: ASGIApp | None = None
+        self._chains: dict[tuple[str, ...], PluginChain | None] = {}
+        self._global_chain = self._chain_for(())
         metrics = settings.observability.metrics
         self.metrics_path = metrics.path if metrics.enabled else None
 
@@ -99,6 +104,15 @@ class GatewayApp:
         try:
             found = gateway.table.match(method, path, headers, scope.get("query_string", b""))
             if isinstance(found, NoMatch):
+                if found.allow and method == "OPTIONS" and self._global_chain is not None:
+                    # A CORS preflight for a path whose routes do not list OPTIONS: the
+                    # global middleware (cors) may answer it.
+                    ctx = self._context(scope, None, {}, path, request_id)
+                    answer = await self._global_chain.run_request(ctx)
+                    if answer is not None:
+                        status = answer.status
+                        await self._global_chain.send_local(ctx, answer, send)
+                        return
                 if found.allow:
                     status = 405
                     await send_error(
@@ -121,6 +135,17 @@ class GatewayApp:
                     send, 503, f"upstream {route.upstream_name!r} is not available", request_id
                 )
                 return
+            chain = self._chain_for(route.plugins)
+            if chain is not None:
+                ctx = self._context(scope, route, found.params, path, request_id)
+                answer = await chain.run_request(ctx)
+                if answer is not None:
+                    status = answer.status
+                    await chain.send_local(ctx, answer, send)
+                    return
+                scope = dict(scope)
+                scope["headers"] = ctx.request_headers
+                send = chain.wrap_send(send, ctx)
             if route.transforms_path:
                 upstream_path = route.forward_path(raw_path.decode("latin-1"), found.params).encode(
                     "latin-1"
@@ -164,6 +189,39 @@ class GatewayApp:
                         "client": (scope.get("client") or ("",))[0],
                     },
                 )
+
+    def _chain_for(self, names: tuple[str, ...]) -> PluginChain | None:
+        """The plugin chain for a route's plugin names (cached); None when empty."""
+        chain = self._chains.get(names, _MISSING)
+        if chain is _MISSING:
+            plugins = self.gateway.plugins.chain_for(names)
+            chain = PluginChain(plugins) if plugins else None
+            self._chains[names] = chain
+        return chain  # type: ignore[return-value]
+
+    def _context(
+        self,
+        scope: Scope,
+        route: Route | None,
+        params: dict[str, str],
+        path: str,
+        request_id: str,
+    ) -> RequestContext:
+        client = scope.get("client")
+        return RequestContext(
+            scope=scope,
+            method=scope.get("method", "GET"),
+            path=path,
+            query_string=scope.get("query_string", b""),
+            request_headers=list(scope["headers"]),
+            client_ip=client[0] if client else "",
+            request_id=request_id,
+            route_name=route.name if route else "",
+            route_path=route.path if route else "",
+            params=params,
+            upstream=route.upstream_name if route else "",
+            websocket=scope["type"] == "websocket",
+        )
 
     async def _serve_admin(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._admin is None:

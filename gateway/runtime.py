@@ -15,6 +15,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from gateway.discovery.factory import create_backends
+from gateway.extensions.loader import PluginError, load_plugins
 from gateway.farp.schemas import SchemaFetcher
 from gateway.farp.watcher import FarpWatcher
 from gateway.observability.metrics import GatewayMetrics
@@ -23,6 +24,7 @@ from gateway.routing.builder import build_table
 from gateway.routing.table import RoutingTable
 from gateway.upstream.health_monitor import HealthMonitor
 from gateway.upstream.registry import EndpointRegistry, PoolRegistry
+from settings import ConfigError
 
 log = logging.getLogger("octopus")
 
@@ -38,6 +40,13 @@ class Gateway:
         self.health = HealthMonitor()
         self.metrics = GatewayMetrics()
         self.trusted_proxies = TrustedProxies(settings.server.trusted_proxies)
+        try:
+            self.plugins = load_plugins(settings)
+        except PluginError as exc:
+            raise ConfigError(str(exc).splitlines()) from None
+        for plugin in self.plugins.by_name.values():
+            meta = plugin.metadata
+            self.metrics.plugin_loaded.labels(meta.name, meta.version).set(1)
         self.started = False
         self.ready = False
         #: Set when shutdown begins: readiness turns 503 so load balancers stop sending.
@@ -93,6 +102,8 @@ class Gateway:
             if self.started:
                 return
             self.started = True
+            for plugin in self.plugins.by_name.values():
+                await plugin.start()
             self.health.reconcile(self.table)
             if self.settings.farp.enabled:
                 self.farp = FarpWatcher(
@@ -120,5 +131,10 @@ class Gateway:
                 await task
         self._tasks.clear()
         await self.health.close()
+        for plugin in self.plugins.by_name.values():
+            try:
+                await plugin.stop()
+            except Exception:
+                log.exception("plugin failed to stop", extra={"plugin": plugin.metadata.name})
         await self.pools.close()
         self.started = False

@@ -163,6 +163,9 @@ class PluginSettings(ConfigModel):
     #: Free-form: each plugin validates its own config.
     config: dict[str, Any] = Field(default_factory=dict)
     enabled: bool = True
+    #: When a non-auth plugin raises: ``open`` skips it, ``closed`` refuses the request
+    #: with 503 (gateway extension). Auth plugins always fail closed.
+    failure: Literal["open", "closed"] | None = None
 
 
 class AdminAuthSettings(ConfigModel):

@@ -55,8 +55,6 @@ def _is_http2_url(value: Any) -> bool:
 
 
 UNSUPPORTED: list[tuple[str, Predicate, str]] = [
-    ("plugins[*]", lambda _: True, "plugins are not supported yet"),
-    ("middleware", bool, "middleware is not supported yet"),
     ("discovery.backend", _backend_unsupported, "discovery backend {value!r} is not supported yet"),
     (
         "discovery.backends[*].backend",

@@ -102,6 +102,12 @@ class GatewayMetrics:
             ["upstream", "endpoint"],
             registry=r,
         )
+        self.plugin_loaded = Gauge(
+            "octopus_plugin_loaded",
+            "Plugins loaded, by name and version (always 1).",
+            ["plugin", "version"],
+            registry=r,
+        )
         self._request_children: dict[tuple[str, int, str], Any] = {}
         self._duration_children: dict[tuple[str, str], Any] = {}
         self._upstream_children: dict[tuple[str, str], Any] = {}

@@ -721,8 +721,6 @@ def test_upstream_config_resolves_against_routing_defaults() -> None:
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
-        ({"plugins": [{"name": "cors"}]}, "plugins[0]: plugins are not supported yet"),
-        ({"middleware": ["cors"]}, "middleware: middleware is not supported yet"),
         (
             {"server": {"grpc_port": 50051}},
             "server.grpc_port: the gRPC listener is not supported yet",
