@@ -16,13 +16,15 @@ import time
 from typing import Any
 from urllib.parse import quote
 
-from gateway.errors import send_error
+from gateway.errors import error_code, send_error
 from gateway.extensions.chain import PluginChain
 from gateway.observability.metrics import UNMATCHED
 from gateway.proxy.http import HttpProxy, ResponseAborted, make_request_id
+from gateway.proxy.websocket import WebSocketSession, upstream_headers
 from gateway.routing.table import NoMatch, Route
 from gateway.runtime import Gateway
 from gateway.types import ASGIApp, Receive, Scope, Send
+from gateway.upstream.errors import UpstreamError
 from plugins.api import RequestContext
 
 log = logging.getLogger("octopus")
@@ -81,8 +83,82 @@ class GatewayApp:
                 return
 
     async def handle_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """WebSocket proxying arrives with the protocols work; until then refuse cleanly."""
-        await send({"type": "websocket.close", "code": 1003, "reason": "not supported yet"})
+        """Route a WebSocket upgrade like a GET, run the plugin chain, then proxy frames."""
+        gateway = self.gateway
+        if not gateway.started:
+            await gateway.startup()
+        path, raw_path = _route_paths(scope)
+        headers = scope["headers"]
+        request_id = make_request_id(headers)
+        started = time.perf_counter()
+        route_label = UNMATCHED
+        status = 500
+        metrics = self.metrics
+        metrics.active_connections.inc()
+        try:
+            if gateway.draining:
+                status = 503
+                await _deny_websocket(scope, send, 503, "the gateway is shutting down", request_id)
+                return
+            found = gateway.table.match("GET", path, headers, scope.get("query_string", b""))
+            if isinstance(found, NoMatch):
+                status = 405 if found.allow else 404
+                await _deny_websocket(scope, send, status, f"no route for {path}", request_id)
+                return
+            route = found.route
+            route_label = route.path
+            upstream = route.upstream
+            if upstream is None:
+                status = 503
+                await _deny_websocket(scope, send, 503, "upstream not available", request_id)
+                return
+            chain = self._chain_for(route.plugins)
+            if chain is not None:
+                ctx = self._context(scope, route, found.params, path, request_id)
+                answer = await chain.run_request(ctx)
+                if answer is not None:
+                    status = answer.status
+                    await _send_websocket_answer(scope, send, answer, request_id)
+                    return
+                headers = ctx.request_headers
+            try:
+                endpoint = upstream.pick()
+            except UpstreamError as exc:
+                status = exc.status
+                await _deny_websocket(scope, send, exc.status, exc.public_message, request_id)
+                return
+            if route.transforms_path:
+                target = route.forward_path(raw_path.decode("latin-1"), found.params)
+            else:
+                target = raw_path.decode("latin-1")
+            query = scope.get("query_string", b"")
+            if query:
+                target += "?" + query.decode("latin-1")
+            client = scope.get("client")
+            client_ip = client[0] if client else "unknown"
+            forwarded = upstream_headers(
+                headers,
+                client_ip=client_ip,
+                scheme="https" if scope.get("scheme") == "wss" else "http",
+                request_id=request_id,
+                trusted=gateway.trusted_proxies.trusts(client_ip),
+            )
+            session = WebSocketSession()
+            gateway.websockets.add(session)
+            endpoint.in_flight += 1
+            try:
+                status = await session.run(
+                    scope, receive, send, endpoint, target, forwarded, route.websocket
+                )
+            finally:
+                endpoint.in_flight -= 1
+                gateway.websockets.discard(session)
+        except Exception:
+            log.exception("websocket proxy failed", extra={"request_id": request_id})
+            status = 500
+        finally:
+            metrics.active_connections.dec()
+            metrics.observe_request("GET", status, route_label, time.perf_counter() - started)
 
     async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         gateway = self.gateway
@@ -286,3 +362,28 @@ def __getattr__(name: str) -> Any:
             _app = GatewayApp(Gateway(settings), serve_admin=True)
         return _app
     raise AttributeError(name)
+
+
+async def _deny_websocket(
+    scope: Scope, send: Send, status: int, message: str, request_id: str
+) -> None:
+    from plugins.api import Response
+
+    await _send_websocket_answer(
+        scope, send, Response.error(status, error_code(status), message, request_id), request_id
+    )
+
+
+async def _send_websocket_answer(scope: Scope, send: Send, answer: Any, request_id: str) -> None:
+    """An HTTP answer to an upgrade request (ASGI ``websocket.http.response``), or a
+    close (403 to the client) from servers without that extension."""
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        headers = list(answer.headers)
+        if not any(name == b"x-request-id" for name, _ in headers):
+            headers.append((b"x-request-id", request_id.encode()))
+        await send(
+            {"type": "websocket.http.response.start", "status": answer.status, "headers": headers}
+        )
+        await send({"type": "websocket.http.response.body", "body": answer.body})
+    else:
+        await send({"type": "websocket.close", "code": 1008})

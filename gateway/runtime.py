@@ -20,6 +20,7 @@ from gateway.farp.schemas import SchemaFetcher
 from gateway.farp.watcher import FarpWatcher
 from gateway.observability.metrics import GatewayMetrics
 from gateway.proxy.headers import TrustedProxies
+from gateway.proxy.websocket import WebSocketSession
 from gateway.routing.builder import build_table
 from gateway.routing.table import RoutingTable
 from gateway.upstream.health_monitor import HealthMonitor
@@ -49,14 +50,31 @@ class Gateway:
             self.metrics.plugin_loaded.labels(meta.name, meta.version).set(1)
         self.started = False
         self.ready = False
-        #: Set when shutdown begins: readiness turns 503 so load balancers stop sending.
-        self.draining = False
+        self._draining = False
+        self.websockets: set[WebSocketSession] = set()
         self.started_at = time.time()
         self.farp: FarpWatcher | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._start_lock: asyncio.Lock | None = None
         self.table: RoutingTable = RoutingTable.empty()
         self.swap(build_table(settings, self.endpoints, version=1))
+
+    @property
+    def draining(self) -> bool:
+        """Set when shutdown begins: readiness turns 503 so load balancers stop sending,
+        and open WebSocket sessions are closed with 1001 (going away)."""
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._draining = value
+        if value and self.websockets:
+            with contextlib.suppress(RuntimeError):  # no running loop: nothing to close
+                asyncio.get_running_loop().create_task(self._close_websockets())
+
+    async def _close_websockets(self) -> None:
+        sessions = list(self.websockets)
+        await asyncio.gather(*(s.close_for_drain() for s in sessions), return_exceptions=True)
 
     @property
     def discovery_state(self) -> list[dict[str, Any]]:
@@ -124,6 +142,7 @@ class Gateway:
         """Stop background work and close pooled connections."""
         self.draining = True
         self.ready = False
+        await self._close_websockets()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

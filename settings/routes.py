@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from settings.fields import ConfigModel, Duration, Int, NonNegativeInt
+from settings.fields import ConfigModel, Duration, Int, NonNegativeInt, Size
 
 __all__ = [
     "HTTP_METHODS",
@@ -174,6 +174,13 @@ class RewriteRule(ConfigModel):
         return replacement
 
 
+class WebSocketRouteSettings(ConfigModel):
+    """Limits of proxied WebSocket sessions: no idle timeout unless set."""
+
+    idle_timeout: Duration | None = None
+    max_message_size: Size = 1024 * 1024
+
+
 class RouteSettings(ConfigModel):
     """One static route."""
 
@@ -190,6 +197,8 @@ class RouteSettings(ConfigModel):
     retries: NonNegativeInt | None = None
     #: Let retries also repeat POST/PATCH on this route (gateway extension; off).
     retry_non_idempotent: bool = False
+    #: WebSocket sessions on this route (gateway extension).
+    websocket: WebSocketRouteSettings = Field(default_factory=lambda: WebSocketRouteSettings())
     #: Names of top-level ``plugins`` entries, run after the global ``middleware``.
     plugins: list[str] = Field(default_factory=list)
 

@@ -1,6 +1,6 @@
 """The ``file`` backend: ``*.json``/``*.yaml`` manifests in a directory, watched by polling.
 
-Polling (by modification time and size) needs nothing from the platform and catches
+Polling (by modification time, size and inode) needs nothing from the platform and catches
 editors that replace files. A file that does not parse is logged once per change and
 its last good content stays in the snapshot, so a half-saved file never drops routes.
 A file may hold one manifest or a list of them.
@@ -31,7 +31,7 @@ class FileBackend(DiscoveryBackend):
         super().__init__()
         self.path = Path(path)
         self.interval = interval
-        self._stamps: dict[Path, tuple[float, int]] = {}
+        self._stamps: dict[Path, tuple[int, int, int]] = {}
         self._contents: dict[Path, list[Any]] = {}
         self.rejected = 0
 
@@ -52,7 +52,7 @@ class FileBackend(DiscoveryBackend):
             self._stamps.clear()
             self._contents.clear()
             return changed
-        seen: dict[Path, tuple[float, int]] = {}
+        seen: dict[Path, tuple[int, int, int]] = {}
         for file in sorted(self.path.iterdir()):
             if file.suffix.lower() not in SUFFIXES or not file.is_file():
                 continue
@@ -60,7 +60,9 @@ class FileBackend(DiscoveryBackend):
                 stat = file.stat()
             except OSError:
                 continue
-            seen[file] = (stat.st_mtime, stat.st_size)
+            # The inode too: an atomic replace (write elsewhere, rename over) within the
+            # file system's timestamp granularity, keeping the size, is still a change.
+            seen[file] = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         changed = set(seen) != set(self._stamps)
         for file, stamp in seen.items():
             if self._stamps.get(file) == stamp:

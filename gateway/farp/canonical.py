@@ -72,15 +72,18 @@ def _string(text: str) -> str:
 def _number(number: float) -> str:
     if math.isnan(number) or math.isinf(number):
         raise ValueError("NaN and infinity are not JSON")
-    if number.is_integer() and abs(number) < 1e21:
-        return str(int(number))
     magnitude = abs(number)
-    if 1e-6 <= magnitude < 1e21:
-        return format(Decimal(repr(number)), "f")
+    if magnitude == 0 or 1e-6 <= magnitude < 1e21:
+        # The shortest round-trip digits, written out in full: 1.0 -> 1, -0.0 -> -0 and
+        # 1.2345678901234568e20 -> 123456789012345680000 (not the float's exact integer).
+        text = format(Decimal(repr(number)), "f")
+        return text.rstrip("0").rstrip(".") if "." in text else text
+    # Go's exponent form: at least two digits after "e+" (1e+21), none padded after
+    # "e-" (1e-7, not 1e-07).
     mantissa, _, exponent = repr(number).partition("e")
     sign = "-" if exponent.startswith("-") else "+"
     digits = exponent.lstrip("+-").lstrip("0") or "0"
-    return f"{mantissa}e{sign}{digits.zfill(2)}"
+    return f"{mantissa}e{sign}{digits if sign == '-' else digits.zfill(2)}"
 
 
 def schema_hash(document: Any) -> str:

@@ -237,9 +237,11 @@ def _parse_instance(raw: Any, fail: Any, address: str | None) -> InstanceInfo | 
         raw = {}
     if not isinstance(raw, dict):
         raise fail("instance", "must be an object")
-    found = raw.get("address") or address
-    if "address" in raw and (not isinstance(raw.get("address"), str) or not raw["address"]):
+    own = raw.get("address")
+    # Required when the manifest has an instance object, unless discovery knows the address.
+    if ("address" in raw or address is None) and (not isinstance(own, str) or not own):
         raise fail("instance.address", "required when 'instance' is present (host:port)")
+    found = own or address
     if found is not None and ":" not in str(found):
         raise fail("instance.address", f"{found!r} must be host:port")
     weight = raw.get("weight")
@@ -274,10 +276,16 @@ def _parse_routing(raw: Any, fail: Any) -> RoutingHints:
     strategy = str(raw.get("strategy") or "instance")
     if strategy not in STRATEGIES:
         raise fail("routing.strategy", f"must be one of {', '.join(sorted(STRATEGIES))}")
+    for name in ("base_path", "subdomain"):
+        if raw.get(name) is not None and not isinstance(raw[name], str):
+            raise fail(f"routing.{name}", "must be a string")
     if strategy == "custom" and not raw.get("base_path"):
         raise fail("routing.base_path", "required for the custom strategy")
     if strategy == "subdomain" and not raw.get("subdomain"):
         raise fail("routing.subdomain", "required for the subdomain strategy")
+    tags = raw.get("tags") or []
+    if not isinstance(tags, list):
+        raise fail("routing.tags", "must be a list of strings")
     rules = []
     for index, rule in enumerate(raw.get("rewrite") or []):
         if not isinstance(rule, dict) or not isinstance(rule.get("pattern"), str):
@@ -301,7 +309,7 @@ def _parse_routing(raw: Any, fail: Any) -> RoutingHints:
         # Absent means strip: the upstream then sees the paths of its own OpenAPI document.
         strip_prefix=True if strip is None else bool(strip),
         priority=priority,
-        tags=tuple(str(t) for t in raw.get("tags") or ()),
+        tags=tuple(str(t) for t in tags),
     )
 
 

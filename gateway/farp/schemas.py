@@ -32,6 +32,17 @@ class SchemaError(Exception):
         self.reason = reason
 
 
+class _JsonCompatibleLoader(yaml.SafeLoader):
+    """YAML 1.1 as JSON sees it: a bare ``2024-01-01`` stays a string (the safe loader
+    would make it a date, which has no JSON form, so the document could not be hashed)."""
+
+
+_JsonCompatibleLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 def parse_document(data: bytes | str) -> Any:
     """A JSON or YAML document."""
     text = data.decode("utf-8") if isinstance(data, bytes) else data
@@ -40,7 +51,7 @@ def parse_document(data: bytes | str) -> Any:
     except ValueError:
         pass
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_JsonCompatibleLoader)
     except yaml.YAMLError as exc:
         raise SchemaError("parse", f"document is neither JSON nor YAML: {exc}") from None
 
@@ -93,7 +104,11 @@ class SchemaFetcher:
             document = await self._from_registry(descriptor, read_key)
         else:
             document = await self._from_http(descriptor, base_url)
-        actual = schema_hash(document)
+        try:
+            actual = schema_hash(document)
+        except (TypeError, ValueError) as exc:
+            message = f"{descriptor.type} schema is not JSON data: {exc}"
+            raise SchemaError("parse", message) from None
         if actual != descriptor.hash:
             raise SchemaError(
                 "hash_mismatch",
@@ -137,4 +152,6 @@ class SchemaFetcher:
             if response.status_code != 200:
                 raise SchemaError("http_status", f"GET {url} answered {response.status_code}")
             return parse_document(response.content)
+        if isinstance(last, SchemaError):  # the server answered, with a 5xx every time
+            raise last
         raise SchemaError("unreachable", f"GET {url} failed: {last}")

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from gateway.farp.routes import FarpService, GeneratedRoute
+from gateway.proxy.websocket import WebSocketOptions
 from gateway.routing.table import Route, RoutingTable
 from gateway.routing.template import compile_template
 from gateway.upstream.registry import EndpointRegistry
@@ -198,6 +199,10 @@ def build_route(
         plugins=tuple(config.plugins),
         order=index,
         retry_non_idempotent=config.retry_non_idempotent,
+        websocket=WebSocketOptions(
+            idle_timeout=config.websocket.idle_timeout,
+            max_message_size=config.websocket.max_message_size,
+        ),
     )
 
 

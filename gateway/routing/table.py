@@ -16,10 +16,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
+from gateway.proxy.websocket import WebSocketOptions
 from gateway.routing.template import PathTemplate, fill_template
 
 if TYPE_CHECKING:
     from gateway.upstream.upstream import Upstream
+
+
+DEFAULT_WEBSOCKET = WebSocketOptions()
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +52,7 @@ class Route:
     upstream_template: str | None = None
     kind: str = "http"  # http | websocket | sse | graphql
     retry_non_idempotent: bool = False
+    websocket: WebSocketOptions = DEFAULT_WEBSOCKET
 
     @property
     def path(self) -> str:

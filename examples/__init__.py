@@ -1,0 +1,1 @@
+"""Runnable examples that live next to the gateway (``python -m examples.<name>``)."""
