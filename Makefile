@@ -18,7 +18,11 @@ deps: $(STAMP)
 system-deps:
 	@bash .ci/system-deps.sh
 
+## The gateway on the embedded default config (file discovery over ./services), with the
+## demo "users" service it finds there running beside it on 127.0.0.1:9001.
 run: $(STAMP)
+	$(PY) -m examples.demo_service --port 9001 & demo=$$!; \
+	trap 'kill $$demo 2>/dev/null' EXIT INT TERM; \
 	$(VENV)/bin/octopus run
 
 test: $(STAMP) system-deps
