@@ -127,11 +127,13 @@ class GatewayApp:
                 status = exc.status
                 await _deny_websocket(scope, send, exc.status, exc.public_message, request_id)
                 return
-            if route.transforms_path:
+            if chain is not None and ctx.upstream_path is not None:
+                target = ctx.upstream_path
+            elif route.transforms_path:
                 target = route.forward_path(raw_path.decode("latin-1"), found.params)
             else:
                 target = raw_path.decode("latin-1")
-            query = scope.get("query_string", b"")
+            query = ctx.query_string if chain is not None else scope.get("query_string", b"")
             if query:
                 target += "?" + query.decode("latin-1")
             client = scope.get("client")
@@ -177,6 +179,9 @@ class GatewayApp:
         route_label = UNMATCHED
         status = 500
         upstream_name = ""
+        # Bound once a route's plugin chain runs, so ``on_error`` hooks hear of failures.
+        chain: PluginChain | None = None
+        ctx: RequestContext | None = None
         try:
             found = gateway.table.match(method, path, headers, scope.get("query_string", b""))
             if isinstance(found, NoMatch):
@@ -221,8 +226,11 @@ class GatewayApp:
                     return
                 scope = dict(scope)
                 scope["headers"] = ctx.request_headers
+                scope["query_string"] = ctx.query_string
                 send = chain.wrap_send(send, ctx)
-            if route.transforms_path:
+            if chain is not None and ctx.upstream_path is not None:
+                upstream_path = ctx.upstream_path.encode("latin-1")
+            elif route.transforms_path:
                 upstream_path = route.forward_path(raw_path.decode("latin-1"), found.params).encode(
                     "latin-1"
                 )
@@ -239,10 +247,14 @@ class GatewayApp:
         except ResponseAborted as exc:
             status = 502
             log.warning("response aborted", extra={"request_id": request_id, "reason": str(exc)})
+            if chain is not None and ctx is not None:
+                await chain.run_error(ctx, exc)
             raise
-        except Exception:
+        except Exception as exc:
             log.exception("unexpected error", extra={"request_id": request_id})
             status = 500
+            if chain is not None and ctx is not None:
+                await chain.run_error(ctx, exc)
             try:
                 await send_error(send, 500, "internal gateway error", request_id)
             except Exception:

@@ -69,6 +69,9 @@ class RequestContext:
     upstream: str
     websocket: bool = False
     state: dict[str, Any] = field(default_factory=dict)
+    #: Set by a request hook to choose the path sent upstream (percent-encoded, without
+    #: the query, which is kept). None: the route's own (``strip_prefix``/``rewrite``...).
+    upstream_path: str | None = None
 
     def header(self, name: str) -> str | None:
         """The first request header named ``name`` (case-insensitive), decoded."""
@@ -95,6 +98,18 @@ class RequestContext:
         from urllib.parse import parse_qsl
 
         return dict(parse_qsl(self.query_string.decode("latin-1"), keep_blank_values=True))
+
+    def remove_query_param(self, name: str) -> None:
+        """Drop every ``name=...`` from the query string sent upstream (others keep their
+        exact encoding)."""
+        from urllib.parse import unquote_plus
+
+        kept = [
+            part
+            for part in self.query_string.split(b"&")
+            if part and unquote_plus(part.split(b"=", 1)[0].decode("latin-1")) != name
+        ]
+        self.query_string = b"&".join(kept)
 
 
 @dataclass
