@@ -309,6 +309,7 @@ class GatewayApp:
             params=params,
             upstream=route.upstream_name if route else "",
             websocket=scope["type"] == "websocket",
+            route_auth=route.auth_hints if route else None,
         )
 
     async def _serve_admin(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -88,6 +88,9 @@ class AuthConfig(ConfigModel):
     realm: str = "octopus"
     #: Request paths that skip authentication (globs on the path, see the module doc).
     public_routes: list[str] = []
+    #: Honour the FARP manifest's auth hints (public routes, required scopes) that the
+    #: gateway passes on when ``farp.trust_auth_hints`` is on.
+    trust_farp_hints: bool = False
 
     @field_validator("public_routes")
     @classmethod
@@ -118,7 +121,18 @@ class AuthPlugin(Plugin):
             ctx.request_headers[:] = [(n, v) for n, v in ctx.request_headers if n not in owned]
 
     def is_public(self, ctx: RequestContext) -> bool:
+        hints = ctx.route_auth if self.config.trust_farp_hints else None
+        if hints is not None and hints.public:
+            return True
         return any(pattern.fullmatch(ctx.path) for pattern in self._public)
+
+    def required_scopes(self, ctx: RequestContext, configured: Iterable[str]) -> list[str]:
+        """The configured scopes plus those the route's FARP hints require (if trusted)."""
+        scopes = list(configured)
+        hints = ctx.route_auth if self.config.trust_farp_hints else None
+        if hints is not None:
+            scopes.extend(s for s in hints.scopes if s not in scopes)
+        return scopes
 
     def record(
         self, ctx: RequestContext, consumer: str | None, scopes: Iterable[str], **extra: Any

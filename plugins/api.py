@@ -69,6 +69,10 @@ class RequestContext:
     upstream: str
     websocket: bool = False
     state: dict[str, Any] = field(default_factory=dict)
+    #: The route's FARP auth hints (``.public``, ``.scopes``) when the gateway trusts
+    #: them (``farp.trust_auth_hints``), else None. Auth plugins opt in with
+    #: ``trust_farp_hints``.
+    route_auth: Any = None
     #: Set by a request hook to choose the path sent upstream (percent-encoded, without
     #: the query, which is kept). None: the route's own (``strip_prefix``/``rewrite``...).
     upstream_path: str | None = None

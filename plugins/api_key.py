@@ -184,7 +184,11 @@ class ApiKeyPlugin(AuthPlugin):
         consumer = self.find(values[0])
         if consumer is None:
             return self.unauthorized(ctx, "invalid API key", self._challenge)
-        missing = [s for s in self.config.required_scopes if s not in consumer.scopes]
+        missing = [
+            s
+            for s in self.required_scopes(ctx, self.config.required_scopes)
+            if s not in consumer.scopes
+        ]
         if missing:
             return self.forbidden(ctx, "API key lacks scope " + " ".join(missing))
         if self.config.hide_credentials:

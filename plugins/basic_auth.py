@@ -148,7 +148,11 @@ class BasicAuthPlugin(AuthPlugin):
         if not await self._password_matches(username, password, user):
             return self.unauthorized(ctx, "invalid username or password", self._challenge)
         assert user is not None
-        missing = [s for s in self.config.required_scopes if s not in user.scopes]
+        missing = [
+            s
+            for s in self.required_scopes(ctx, self.config.required_scopes)
+            if s not in user.scopes
+        ]
         if missing:
             return self.forbidden(ctx, "user lacks scope " + " ".join(missing))
         if self.config.hide_credentials:

@@ -549,12 +549,11 @@ class JwtAuthPlugin(AuthPlugin):
             return self.refuse(ctx, claims)
 
         granted = token_scopes(claims)
-        missing = [s for s in self._required_scopes if s not in granted]
+        required = self.required_scopes(ctx, self._required_scopes)
+        missing = [s for s in required if s not in granted]
         if missing:
             description = "token lacks scope " + " ".join(missing)
-            challenge = self.challenge(
-                "insufficient_scope", description, " ".join(self._required_scopes)
-            )
+            challenge = self.challenge("insufficient_scope", description, " ".join(required))
             return self.forbidden(ctx, description, challenge)
 
         for claim, header_name in self.config.forward_claims.items():

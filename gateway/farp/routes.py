@@ -8,6 +8,8 @@ resolution.
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -34,6 +36,10 @@ class GeneratedRoute:
     host: str | None
     kind: str  # "http" | "websocket" | "sse" | "graphql"
     operation_id: str | None = None
+    #: The manifest's auth hints for this route (honoured only with
+    #: ``farp.trust_auth_hints``): no authentication needed, and scopes required.
+    public: bool = False
+    scopes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -162,12 +168,15 @@ def routes_for_manifest(manifest: Manifest, documents: Mapping[str, Any]) -> lis
     hints = manifest.routing
     host = f"{(hints.subdomain or '').lower()}.*" if hints.strategy == "subdomain" else None
     own: list[tuple[str, frozenset[str], str, str | None]] = []
+    declared_public: set[str] = set()
     if manifest.route_table:
         for entry in manifest.route_table:
             methods = frozenset(str(m).upper() for m in entry.get("methods") or ["GET"])
             protocol = str(entry.get("protocol") or "http").lower()
             kind = protocol if protocol in ("websocket", "sse", "graphql") else "http"
             own.append((entry["path"], methods, kind, entry.get("operation_id")))
+            if entry.get("public") is True:
+                declared_public.add(entry["path"])
     else:
         openapi = documents.get("openapi")
         if isinstance(openapi, Mapping):
@@ -196,8 +205,37 @@ def routes_for_manifest(manifest: Manifest, documents: Mapping[str, Any]) -> lis
             )
             continue
         upstream = path if hints.strip_prefix else None
-        routes.append(GeneratedRoute(public, upstream, methods, host, kind, operation_id))
+        is_public, scopes = _auth_hints(manifest, path, methods, path in declared_public)
+        routes.append(
+            GeneratedRoute(public, upstream, methods, host, kind, operation_id, is_public, scopes)
+        )
     return routes
+
+
+def _auth_hints(
+    manifest: Manifest, path: str, methods: frozenset[str], declared_public: bool
+) -> tuple[bool, tuple[str, ...]]:
+    """Whether the manifest says ``path`` needs no authentication, and the scopes it needs.
+
+    ``auth.public_routes`` globs, ``route_table[].public`` and ``access_control`` entries
+    with ``allow_anonymous`` make a route public; ``auth.required_scopes`` apply to all.
+    Globs match the service's own path (``/health``, ``/public/*``).
+    """
+    auth = manifest.auth or {}
+    public = declared_public or any(
+        isinstance(glob, str) and fnmatch.fnmatchcase(path, glob)
+        for glob in auth.get("public_routes") or ()
+    )
+    for rule in auth.get("access_control") or ():
+        if not isinstance(rule, Mapping) or not rule.get("allow_anonymous"):
+            continue
+        rule_methods = {str(m).upper() for m in rule.get("methods") or ()}
+        if fnmatch.fnmatchcase(path, str(rule.get("path") or "")) and (
+            not rule_methods or methods <= rule_methods
+        ):
+            public = True
+    scopes = tuple(str(s) for s in auth.get("required_scopes") or () if isinstance(s, str))
+    return public, scopes
 
 
 def build_services(
@@ -303,15 +341,6 @@ def resolve_conflicts(services: list[FarpService]) -> list[dict[str, Any]]:
             path, host = _route_key(route)
             methods = frozenset(m for m in route.methods if (m, path, host) not in lost)
             if methods:
-                kept.append(
-                    GeneratedRoute(
-                        route.public_path,
-                        route.upstream_path,
-                        methods,
-                        route.host,
-                        route.kind,
-                        route.operation_id,
-                    )
-                )
+                kept.append(dataclasses.replace(route, methods=methods))
         service.routes = kept
     return conflicts

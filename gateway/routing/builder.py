@@ -8,6 +8,7 @@ endpoints (with their pools, health and breakers) come from the long-lived
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from typing import Any
 
 from gateway.farp.routes import FarpService, GeneratedRoute
 from gateway.proxy.websocket import WebSocketOptions
-from gateway.routing.table import Route, RoutingTable
+from gateway.routing.table import AuthHints, Route, RoutingTable
 from gateway.routing.template import compile_template
 from gateway.upstream.registry import EndpointRegistry
 from gateway.upstream.upstream import EndpointAddress, Upstream, UpstreamPolicy
@@ -59,7 +60,11 @@ def build_table(
         else:
             upstreams[service.upstream_name] = build_farp_upstream(settings, service, endpoints)
         for generated in service.routes:
-            routes.append(build_farp_route(order, service, generated, upstreams))
+            route = build_farp_route(order, service, generated, upstreams)
+            if settings.farp.trust_auth_hints and (generated.public or generated.scopes):
+                hints = AuthHints(generated.public, generated.scopes)
+                route = dataclasses.replace(route, auth_hints=hints)
+            routes.append(route)
             order += 1
     endpoints.retain(
         {(name, e.url) for name, upstream in upstreams.items() for e in upstream.endpoints}

@@ -27,6 +27,14 @@ DEFAULT_WEBSOCKET = WebSocketOptions()
 
 
 @dataclass(frozen=True, slots=True)
+class AuthHints:
+    """What a service's manifest says about authenticating a route."""
+
+    public: bool = False
+    scopes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """One compiled route: what it matches and how its requests are forwarded."""
 
@@ -53,6 +61,8 @@ class Route:
     kind: str = "http"  # http | websocket | sse | graphql
     retry_non_idempotent: bool = False
     websocket: WebSocketOptions = DEFAULT_WEBSOCKET
+    #: FARP auth hints, set only when ``farp.trust_auth_hints`` is on.
+    auth_hints: AuthHints | None = None
 
     @property
     def path(self) -> str:
