@@ -12,7 +12,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -34,6 +34,9 @@ class LoadedPlugins:
 
     by_name: dict[str, Plugin]
     middleware: list[Plugin]
+    #: Entry name → where its class came from: ``builtin``, ``module``, ``file`` or
+    #: ``entry-point`` (shown by ``/_/plugins``).
+    sources: dict[str, str] = field(default_factory=dict)
 
     def chain_for(self, names: tuple[str, ...]) -> list[Plugin]:
         """Global middleware, then the route's own plugins (each plugin once)."""
@@ -47,6 +50,16 @@ class LoadedPlugins:
 
 def builtin_module(name: str) -> str:
     return "plugins." + name.replace("-", "_")
+
+
+def plugin_source(entry: Any) -> str:
+    """Where ``load_plugin_class`` finds ``entry``'s class (same order of precedence)."""
+    if entry.path:
+        return "file"
+    if entry.module:
+        return "module"
+    points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    return "entry-point" if any(p.name == entry.name for p in points) else "builtin"
 
 
 def load_plugin_class(entry: Any) -> type[Plugin]:
@@ -98,9 +111,11 @@ def load_plugins(settings: Any) -> LoadedPlugins:
     from settings import MIDDLEWARE_ALIASES
 
     by_name: dict[str, Plugin] = {}
+    sources: dict[str, str] = {}
     for index, entry in enumerate(settings.plugins):
         if entry.enabled:
             by_name[entry.name] = build_plugin(entry, index)
+            sources[entry.name] = plugin_source(entry)
     middleware: list[Plugin] = []
     for name in settings.middleware:
         plugin = by_name.get(name)
@@ -118,9 +133,10 @@ def load_plugins(settings: Any) -> LoadedPlugins:
                 continue
             plugin = build_plugin(_Entry(name))
             by_name[name] = plugin
+            sources[name] = plugin_source(_Entry(name))
         if plugin not in middleware:
             middleware.append(plugin)
-    return LoadedPlugins(by_name, middleware)
+    return LoadedPlugins(by_name, middleware, sources)
 
 
 @dataclass
