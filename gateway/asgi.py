@@ -16,7 +16,7 @@ import time
 from typing import Any
 from urllib.parse import quote
 
-from gateway.errors import error_code, send_error
+from gateway.errors import GatewayError, error_code, send_error
 from gateway.extensions.chain import PluginChain
 from gateway.observability.metrics import UNMATCHED
 from gateway.proxy.http import HttpProxy, ResponseAborted, make_request_id
@@ -50,6 +50,12 @@ class GatewayApp:
         self._admin: ASGIApp | None = None
         self._chains: dict[tuple[str, ...], PluginChain | None] = {}
         self._global_chain = self._chain_for(())
+        # Plugins in the global middleware that take full control (``wrap``) wrap the
+        # HTTP handler, outermost first.
+        self._http: ASGIApp = self.handle_http
+        for plugin in reversed(gateway.plugins.middleware):
+            if plugin.overrides("wrap"):
+                self._http = plugin.wrap(self._http)
         metrics = settings.observability.metrics
         self.metrics_path = metrics.path if metrics.enabled else None
 
@@ -60,7 +66,7 @@ class GatewayApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            await self.handle_http(scope, receive, send)
+            await self._http(scope, receive, send)
         elif kind == "websocket":
             await self.handle_websocket(scope, receive, send)
         elif kind == "lifespan":
@@ -244,6 +250,9 @@ class GatewayApp:
                 metrics.observe_upstream(upstream_name, outcome.upstream_status)
             elif outcome.endpoint is not None:
                 metrics.observe_upstream(upstream_name, "error")
+            if status >= 500 and outcome.upstream_status is None and chain is not None and ctx:
+                # The gateway answered an error itself (no endpoint, timeout, refused...).
+                await chain.run_error(ctx, GatewayError(f"gateway answered {status}", status))
         except ResponseAborted as exc:
             status = 502
             log.warning("response aborted", extra={"request_id": request_id, "reason": str(exc)})

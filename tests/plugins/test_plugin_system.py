@@ -7,14 +7,16 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
 
+from plugins.api import Plugin, PluginMetadata, RequestContext
 from settings import ConfigError
 from tests.plugins import recorders
 from tests.support.gateway import REPO, GatewayServer, gateway_config, route
+from tests.support.servers import ThreadedServer
 from tests.support.upstream import UpstreamApp, UpstreamServer
 
 STAMP_FILE = str(REPO / "plugins" / "examples" / "stamp.py")
@@ -298,3 +300,51 @@ def test_a_missing_plugin_file_names_the_entry_and_the_path(tmp_path: Path) -> N
         build([{"name": "local", "path": str(missing)}], ["local"])
     assert "plugin 'local'" in str(raised.value)
     assert str(missing) in str(raised.value)
+
+
+class _ErrorRecorder(Plugin):
+    metadata = PluginMetadata(name="error-recorder")
+    seen: ClassVar[list[int]] = []
+
+    async def on_error(self, ctx: RequestContext, error: BaseException) -> None:
+        self.seen.append(getattr(error, "status", 0))
+
+
+class _Wrapper(Plugin):
+    metadata = PluginMetadata(name="wrapper")
+
+    def wrap(self, app: Any) -> Any:
+        async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+            async def stamped(message: Any) -> None:
+                if message["type"] == "http.response.start":
+                    message = dict(message)
+                    message["headers"] = [*message["headers"], (b"x-wrapped", b"1")]
+                await send(message)
+
+            await app(scope, receive, stamped)
+
+        return wrapped
+
+
+def test_on_error_hears_gateway_errors_and_wrap_wraps_every_request() -> None:
+    from gateway.asgi import GatewayApp
+    from gateway.extensions.loader import LoadedPlugins
+    from gateway.runtime import Gateway
+    from settings import load_settings
+
+    settings = load_settings(
+        {
+            "discovery": {"backend": "static"},
+            "farp": {"enabled": False},
+            "upstreams": {"dead": {"endpoints": ["http://127.0.0.1:9"]}},
+            "routes": [{"name": "dead", "match": {"path": "/dead"}, "upstream": "dead"}],
+        }
+    )
+    gateway = Gateway(settings)
+    recorder, wrapper = _ErrorRecorder(), _Wrapper()
+    gateway.plugins = LoadedPlugins({"r": recorder, "w": wrapper}, [wrapper, recorder])
+    with ThreadedServer(GatewayApp(gateway)) as server:
+        response = httpx.get(server.url + "/dead")
+    assert response.status_code == 502
+    assert response.headers["x-wrapped"] == "1"
+    assert _ErrorRecorder.seen == [502]
