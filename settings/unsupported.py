@@ -50,10 +50,6 @@ def _balancer_unsupported(value: Any) -> bool:
     return value not in _SUPPORTED_BALANCERS
 
 
-def _is_http2_url(value: Any) -> bool:
-    return isinstance(value, str) and value.startswith(("h2c://", "h2://"))
-
-
 UNSUPPORTED: list[tuple[str, Predicate, str]] = [
     ("discovery.backend", _backend_unsupported, "discovery backend {value!r} is not supported yet"),
     (
@@ -61,14 +57,7 @@ UNSUPPORTED: list[tuple[str, Predicate, str]] = [
         _backend_unsupported,
         "discovery backend {value!r} is not supported yet",
     ),
-    ("server.grpc_port", _is_set, "the gRPC listener is not supported yet"),
     ("tls.client_ca", _is_set, "client certificate verification is not supported yet"),
-    ("observability.tracing.enabled", lambda value: value is True, "tracing is not supported yet"),
-    (
-        "upstreams.*.endpoints[*].url",
-        _is_http2_url,
-        "HTTP/2 upstreams (h2c://, h2://) are not supported yet",
-    ),
 ]
 
 _EACH_KEY = object()
@@ -113,5 +102,5 @@ def find_unsupported(settings: Settings) -> list[tuple[KeyPath, str]]:
 
 
 def unsupported_features(settings: Settings) -> list[str]:
-    """Messages like ``server.grpc_port: the gRPC listener is not supported yet``."""
+    """Messages like ``tls.client_ca: client certificate verification is not supported yet``."""
     return [f"{format_path(path)}: {message}" for path, message in find_unsupported(settings)]

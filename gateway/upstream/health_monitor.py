@@ -44,7 +44,9 @@ class HealthMonitor:
             wanted[upstream.name] = (identity, settings, list(upstream.endpoints))
         for name in list(self._checkers):
             if name not in wanted or wanted[name][0] != self._checkers[name][0]:
-                self._stop(self._checkers.pop(name)[1])
+                # An upstream that is no longer checked at all must not keep the last
+                # verdicts of its checker: nothing would ever mark those endpoints up.
+                self._stop(self._checkers.pop(name)[1], release=None if name in wanted else name)
         for name, (identity, settings, endpoints) in wanted.items():
             if name in self._checkers:
                 continue
@@ -53,7 +55,7 @@ class HealthMonitor:
                 settings,
                 on_change=self._listener(name),
                 health_path=lambda endpoint: endpoint.health_path,
-                ssl_context=endpoints[0].pool.ssl_context,
+                ssl_context=endpoints[0].probe_ssl_context,
             )
             checker.start()
             self._checkers[name] = (identity, checker)
@@ -65,8 +67,21 @@ class HealthMonitor:
         if self._stopping:
             await asyncio.gather(*self._stopping, return_exceptions=True)
 
-    def _stop(self, checker: ActiveHealthChecker[Endpoint]) -> None:
-        task = asyncio.get_running_loop().create_task(checker.stop())
+    def _stop(self, checker: ActiveHealthChecker[Endpoint], *, release: str | None = None) -> None:
+        """Stop ``checker``; with ``release`` (its upstream's name), then mark its endpoints
+        healthy (after the stop, so that a probe finishing meanwhile cannot undo it)."""
+
+        async def stop() -> None:
+            await checker.stop()
+            if release is None:
+                return
+            changed = self._listener(release)
+            for endpoint in checker.targets:
+                if not endpoint.healthy:
+                    endpoint.healthy = True
+                    changed(endpoint, True)
+
+        task = asyncio.get_running_loop().create_task(stop())
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
 

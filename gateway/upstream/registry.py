@@ -6,10 +6,12 @@ how, and a new table built with the same endpoint gets the same pool back.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from typing import Any
 
 from gateway.upstream.breaker import CircuitBreaker
+from gateway.upstream.http2 import H2Pool
 from gateway.upstream.pool import ConnectionPool
 from gateway.upstream.tls import client_context
 from gateway.upstream.upstream import Endpoint, EndpointAddress
@@ -21,7 +23,7 @@ class PoolRegistry:
     """Owns every upstream connection pool of one gateway process."""
 
     def __init__(self) -> None:
-        self._pools: dict[PoolKey, ConnectionPool] = {}
+        self._pools: dict[PoolKey, ConnectionPool | H2Pool] = {}
 
     def pool_for(
         self,
@@ -31,7 +33,7 @@ class PoolRegistry:
         ca: str | None = None,
         max_connections: int = 512,
         idle_timeout: float = 60.0,
-    ) -> ConnectionPool:
+    ) -> ConnectionPool | H2Pool:
         key: PoolKey = (
             address.scheme,
             address.host,
@@ -42,7 +44,18 @@ class PoolRegistry:
             idle_timeout,
         )
         pool = self._pools.get(key)
-        if pool is None:
+        if pool is None and address.scheme in ("h2c", "h2"):
+            # HTTP/2 multiplexes streams over a few connections (gateway/upstream/http2.py).
+            pool = H2Pool(
+                address.host,
+                address.port,
+                ssl_context=client_context(verify, ca, ("h2",)) if address.tls else None,
+                server_hostname=address.host,
+                max_connections=max_connections,
+                idle_timeout=idle_timeout,
+            )
+            self._pools[key] = pool
+        elif pool is None:
             context = client_context(verify, ca, ("http/1.1",)) if address.tls else None
             pool = ConnectionPool(
                 address.host,
@@ -54,6 +67,14 @@ class PoolRegistry:
             )
             self._pools[key] = pool
         return pool
+
+    @staticmethod
+    def probe_context(
+        address: EndpointAddress, *, verify: bool = True, ca: str | None = None
+    ) -> ssl.SSLContext | None:
+        """The TLS context health probes use: they speak HTTP/1.1, so they must offer
+        ``http/1.1`` in ALPN even when the endpoint's pool negotiates ``h2``."""
+        return client_context(verify, ca, ("http/1.1",)) if address.tls else None
 
     async def close(self) -> None:
         for pool in self._pools.values():
@@ -99,11 +120,13 @@ class EndpointRegistry:
             max_connections=max_connections,
             idle_timeout=idle_timeout,
         )
+        probe_context = PoolRegistry.probe_context(address, verify=verify, ca=ca)
         known = self._endpoints.get(key)
         if known is not None and known[0].pool is pool:
             endpoint, breaker_settings = known
             endpoint.weight = weight
             endpoint.health_path = health_path
+            endpoint.probe_ssl_context = probe_context
             if breaker_settings != breaker:
                 endpoint.breaker = self._breaker(upstream, address.url, breaker)
                 self._endpoints[key] = (endpoint, breaker)
@@ -115,6 +138,7 @@ class EndpointRegistry:
             breaker=self._breaker(upstream, address.url, breaker),
             health_path=health_path,
         )
+        endpoint.probe_ssl_context = probe_context
         self._endpoints[key] = (endpoint, breaker)
         return endpoint
 

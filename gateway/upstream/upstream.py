@@ -71,6 +71,7 @@ class Endpoint:
         "in_flight",
         "latency",
         "pool",
+        "probe_ssl_context",
         "weight",
     )
 
@@ -94,6 +95,8 @@ class Endpoint:
         #: Set by the upstream's outlier detector; read by ``available``.
         self.ejected: Callable[[Endpoint], bool] | None = None
         self.host_header = address.host_header
+        #: TLS context for HTTP/1.1 health probes (ALPN http/1.1 even for h2 pools).
+        self.probe_ssl_context: Any = None
 
     @property
     def url(self) -> str:

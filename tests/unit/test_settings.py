@@ -722,20 +722,8 @@ def test_upstream_config_resolves_against_routing_defaults() -> None:
     ("source", "expected"),
     [
         (
-            {"server": {"grpc_port": 50051}},
-            "server.grpc_port: the gRPC listener is not supported yet",
-        ),
-        (
             {"tls": {"enabled": True, "cert": "c", "key": "k", "client_ca": "ca"}},
             "tls.client_ca: client certificate verification is not supported yet",
-        ),
-        (
-            {"observability": {"tracing": {"enabled": True}}},
-            "observability.tracing.enabled: tracing is not supported yet",
-        ),
-        (
-            {"upstreams": {"g": {"endpoints": ["http://a:1", "h2c://grpc:50051"]}}},
-            "upstreams.g.endpoints[1].url: HTTP/2 upstreams (h2c://, h2://) are not supported yet",
         ),
     ],
 )
@@ -748,8 +736,13 @@ def test_supported_choices_are_not_reported() -> None:
     settings = load_settings(
         {
             "discovery": {"backends": [{"backend": "file"}, {"backend": "static"}]},
-            "upstreams": {"u": {"endpoints": ["https://a"], "load_balance": "weighted"}},
+            "upstreams": {
+                "u": {"endpoints": ["https://a"], "load_balance": "weighted"},
+                "g": {"endpoints": ["h2c://grpc:50051", "h2://secure:443"]},
+            },
             "routing": {"load_balance": "round-robin"},
+            "observability": {"tracing": {"enabled": True, "exporter": "otlp-http"}},
+            "server": {"grpc_port": 50051},
         },
         env={},
     )
@@ -763,14 +756,16 @@ def test_unsupported_feature_errors_name_file_and_line(tmp_path: Path) -> None:
         server:
           http_port: 8080
           grpc_port: 50051
-        observability:
-          tracing:
-            enabled: true
+        tls:
+          enabled: true
+          cert: c
+          key: k
+          client_ca: ca
         """,
     )
+    # server.grpc_port (line 3) is supported: only tls.client_ca is reported.
     assert errors_of(path) == [
-        f"{path}:3: server.grpc_port: the gRPC listener is not supported yet",
-        f"{path}:6: observability.tracing.enabled: tracing is not supported yet",
+        f"{path}:8: tls.client_ca: client certificate verification is not supported yet",
     ]
 
 
