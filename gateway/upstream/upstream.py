@@ -168,8 +168,11 @@ class Upstream:
         self.outlier: OutlierDetector[Endpoint] | None = None
         if outlier_detection and len(endpoints) > 1:
             self.outlier = OutlierDetector(endpoints)
-            for endpoint in endpoints:
-                endpoint.ejected = self.outlier.is_ejected
+        # Always rebind: endpoints outlive tables, and an ejection decided by a previous
+        # table's detector must not apply where this one ejects nothing.
+        is_ejected = self.outlier.is_ejected if self.outlier is not None else None
+        for endpoint in endpoints:
+            endpoint.ejected = is_ejected
 
     def pick(self, exclude: Collection[Endpoint] = (), key: str | None = None) -> Endpoint:
         """The endpoint for the next attempt, avoiding ``exclude`` when another exists."""

@@ -86,6 +86,22 @@ class GatewayServer:
     def client(self, **options: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=10, **options)
 
+    def reload(self, config: Any) -> None:
+        """Rebuild the routing table from ``config`` and swap it in, on the server's loop,
+        as a configuration reload does (endpoints that stay keep their live state)."""
+        from gateway.routing.builder import build_table
+        from settings import load_settings
+
+        gateway = self.gateway
+        settings = load_settings(config)
+
+        def swap() -> None:
+            version = gateway.table.version + 1
+            gateway.settings = settings
+            gateway.swap(build_table(settings, gateway.endpoints, version=version))
+
+        self.server.call(swap)
+
     def start(self) -> GatewayServer:
         self.server.start()
         return self
