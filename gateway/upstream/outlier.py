@@ -79,6 +79,39 @@ class OutlierDetector(Generic[T]):
     def endpoints(self) -> tuple[T, ...]:
         return self._endpoints
 
+    def carried_over(self, endpoints: Sequence[T]) -> OutlierDetector[T]:
+        """A detector for a new endpoint list that keeps the state (consecutive errors,
+        ejections and their deadlines) of every endpoint both lists share, by identity.
+
+        Routing tables are rebuilt on every discovery change; without this, any rebuild
+        would lift every ejection.
+        """
+        fresh: OutlierDetector[T] = OutlierDetector(
+            endpoints,
+            self.consecutive_errors,
+            self.base_ejection,
+            self.max_ejection,
+            self.max_ejected_percent,
+            self._clock,
+            on_change=self._on_change,
+        )
+        now = self._clock()
+        self._return_due(now)
+        for index, endpoint in enumerate(fresh._endpoints):
+            old = self._index.get(id(endpoint))
+            if old is None:
+                continue
+            state = self._states[old]
+            fresh._states[index] = state
+            if state.ejected_until:
+                if fresh._ejected < fresh._max_ejected:
+                    fresh._ejected += 1
+                    heapq.heappush(fresh._deadlines, (state.ejected_until, index))
+                else:  # the new list is smaller: the cap wins, the endpoint returns
+                    state.ejected_until = 0.0
+                    state.returned_at = now
+        return fresh
+
     @property
     def ejected_count(self) -> int:
         """Endpoints out of rotation now."""

@@ -14,7 +14,7 @@ from gateway.upstream.breaker import CircuitBreaker
 from gateway.upstream.http2 import H2Pool
 from gateway.upstream.pool import ConnectionPool
 from gateway.upstream.tls import client_context
-from gateway.upstream.upstream import Endpoint, EndpointAddress
+from gateway.upstream.upstream import Endpoint, EndpointAddress, Upstream
 
 PoolKey = tuple[str, str, int, bool, str | None, int, float]
 
@@ -98,6 +98,9 @@ class EndpointRegistry:
         self._endpoints: dict[tuple[str, str], tuple[Endpoint, Any]] = {}
         #: Told (upstream, url, old state, new state) on every breaker transition.
         self.on_breaker_change: BreakerListener | None = None
+        #: The last Upstream built under each name, so the next table's can take over
+        #: its retry budget and outlier ejections.
+        self.upstreams: dict[str, Upstream] = {}
 
     def endpoint_for(
         self,

@@ -155,6 +155,7 @@ class Upstream:
         hash_on: str | None = None,
         health_check: Any = None,
         outlier_detection: bool = True,
+        previous: Upstream | None = None,
     ) -> None:
         self.name = name
         self.endpoints = endpoints
@@ -164,10 +165,15 @@ class Upstream:
         self.health_check = health_check
         self.balancer = make_balancer(load_balance, endpoints, hash_on)
         self.uses_key = load_balance == "consistent-hash"
-        self.budget = RetryBudget()
+        # The retry budget and ejections belong to the upstream, not to one table:
+        # ``previous`` (the same upstream in the table being replaced) hands them on.
+        self.budget = previous.budget if previous is not None else RetryBudget()
         self.outlier: OutlierDetector[Endpoint] | None = None
         if outlier_detection and len(endpoints) > 1:
-            self.outlier = OutlierDetector(endpoints)
+            before = previous.outlier if previous is not None else None
+            self.outlier = (
+                before.carried_over(endpoints) if before is not None else OutlierDetector(endpoints)
+            )
         # Always rebind: endpoints outlive tables, and an ejection decided by a previous
         # table's detector must not apply where this one ejects nothing.
         is_ejected = self.outlier.is_ejected if self.outlier is not None else None
