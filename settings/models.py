@@ -14,10 +14,19 @@ from typing import Any, Literal
 from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from settings.discovery import DiscoverySettings, FileDiscovery
-from settings.fields import ConfigModel, Duration, Port, Ratio, Size, located_error
+from settings.fields import (
+    ConfigModel,
+    Duration,
+    NonNegativeInt,
+    Port,
+    PositiveInt,
+    Ratio,
+    Size,
+    located_error,
+)
 from settings.paths import KeyPath
 from settings.redaction import redact
-from settings.routes import RouteSettings
+from settings.routes import PersistedQueriesSettings, RouteSettings
 from settings.upstreams import ResolvedUpstream, RoutingDefaults, UpstreamSettings
 
 __all__ = [
@@ -26,6 +35,7 @@ __all__ = [
     "AdminAuthSettings",
     "AdminSettings",
     "FarpSettings",
+    "GraphQLSettings",
     "LoggingSettings",
     "MetricsSettings",
     "ObservabilitySettings",
@@ -36,6 +46,9 @@ __all__ = [
     "TracingSettings",
     "parse_host_port",
 ]
+
+#: Discovery backends that are service registries: routes may name their services.
+REGISTRY_BACKENDS = frozenset({"etcd", "consul", "kubernetes", "eureka", "dns", "redis"})
 
 #: Plugins the gateway ships, found by name alone.
 BUILTIN_PLUGINS: tuple[str, ...] = (
@@ -154,6 +167,34 @@ class FarpSettings(ConfigModel):
     trust_auth_hints: bool = False
 
 
+class GraphQLSettings(ConfigModel):
+    """Defaults of every GraphQL route (static routes with a ``graphql:`` key, FARP
+    ``endpoints.graphql`` routes) and the combined endpoint over FARP services."""
+
+    max_depth: PositiveInt = 15
+    max_aliases: NonNegativeInt = 30
+    max_complexity: PositiveInt = 1000
+    introspection: bool = True
+    #: ``first``/``last``/``limit`` arguments multiply their field's sub-selection cost.
+    list_multipliers: bool = False
+    #: GraphQL request bodies are buffered to be checked; larger ones get 413.
+    max_body_size: Size = 1024 * 1024
+    persisted_queries: PersistedQueriesSettings = Field(
+        default_factory=lambda: PersistedQueriesSettings()
+    )
+    #: Serve one endpoint stitching the root fields of every FARP service that
+    #: publishes a GraphQL schema (when at least two do).
+    stitching: bool = True
+    combined_path: str = "/graphql"
+
+    @field_validator("combined_path")
+    @classmethod
+    def _static_path(cls, path: str) -> str:
+        if not path.startswith("/") or "{" in path or "}" in path:
+            raise ValueError(f"must be a literal absolute path like /graphql (got {path!r})")
+        return path
+
+
 class PluginSettings(ConfigModel):
     """One plugin instance; built-ins need only ``name``."""
 
@@ -212,6 +253,9 @@ class MetricsSettings(ConfigModel):
 
     enabled: bool = True
     path: str = "/metrics"
+    #: Also answer ``path`` on the data listener (``octopus run`` keeps metrics on the
+    #: admin listener otherwise). Off by default: the data port faces clients.
+    expose_on_data_port: bool = False
 
     @field_validator("path")
     @classmethod
@@ -237,6 +281,8 @@ class LoggingSettings(ConfigModel):
     level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     format: Literal["json", "text"] = "json"
     access_log: bool = True
+    #: The share of requests that get an access-log line (0..1), for busy gateways.
+    access_log_sample: Ratio = 1.0
 
     @field_validator("level", mode="before")
     @classmethod
@@ -276,6 +322,7 @@ class Settings(ConfigModel):
     plugins: list[PluginSettings] = Field(default_factory=list)
     routes: list[RouteSettings] = Field(default_factory=list)
     routing: RoutingDefaults = Field(default_factory=RoutingDefaults)
+    graphql: GraphQLSettings = Field(default_factory=GraphQLSettings)
     #: Plugin names run on every route, in this order.
     middleware: list[str] = Field(default_factory=list)
     admin: AdminSettings = Field(default_factory=AdminSettings)
@@ -304,10 +351,20 @@ class Settings(ConfigModel):
         issues = _duplicates([route.name for route in routes], "route", "routes")
         upstreams: dict[str, UpstreamSettings] | None = info.data.get("upstreams")
         plugins: list[PluginSettings] | None = info.data.get("plugins")
+        discovery = info.data.get("discovery")
+        # With a service registry, a route may name a discovered service as its upstream
+        # (instances without FARP metadata are still plain upstream endpoints).
+        discovers_services = discovery is not None and any(
+            name in REGISTRY_BACKENDS for name, _ in discovery.entries()
+        )
         for index, route in enumerate(routes):
             # Skip a check when the section it needs failed validation itself:
             # its own errors are already reported and these would only be noise.
-            if upstreams is not None and route.upstream not in upstreams:
+            if (
+                upstreams is not None
+                and route.upstream not in upstreams
+                and not discovers_services
+            ):
                 known = ", ".join(sorted(upstreams)) or "none defined"
                 issues.append(
                     (

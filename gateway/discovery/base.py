@@ -56,4 +56,9 @@ class DiscoveryBackend(ABC):
         self.last_error = None
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "state": self.state, "last_sync": self.last_sync}
+        return {
+            "backend": self.name,
+            "state": self.state,
+            "last_sync": self.last_sync,
+            "last_error": self.last_error,
+        }

@@ -9,13 +9,17 @@ outage) keeps the last good state of that instance, and the table keeps serving.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import httpx
+
 from gateway.discovery.base import DiscoveredInstance, DiscoveryBackend
+from gateway.discovery.metadata import is_enabled, resolve_manifest
 from gateway.farp.canonical import canonical_json
 from gateway.farp.manifest import Manifest, ManifestError, parse_manifest
 from gateway.farp.routes import FarpService, build_services
@@ -66,6 +70,11 @@ class FarpWatcher:
         #: Set by ``_accept`` when a schema fetch failed: worth retrying, unlike a
         #: manifest that is invalid (it stays invalid until its source changes).
         self._fetch_failed = False
+        #: Manifests fetched for metadata-only instances: key -> (when, document).
+        self._resolved: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self.resolve_interval = max(retry_interval, 30.0)
+        self._resolve_scheduled = False
+        self._client: httpx.AsyncClient | None = None
         self._changed = asyncio.Event()
         self._rebuilt = asyncio.Condition()
         self._generation = 0
@@ -95,6 +104,8 @@ class FarpWatcher:
             for backend in self.backends:
                 await backend.close()
             await self.fetcher.close()
+            if self._client is not None:
+                await self._client.aclose()
 
     async def _feed(self, index: int, backend: DiscoveryBackend) -> None:
         try:
@@ -139,6 +150,8 @@ class FarpWatcher:
         for index in sorted(self._snapshots):
             discovered.extend(self._snapshots[index])
         discovered.extend(self.pushed.values())
+        discovered = [await self._resolve(instance) for instance in discovered]
+        plain = _plain_services(discovered)
         self._fetch_failed = False
         accepted: dict[str, AcceptedInstance] = {}
         for instance in discovered:
@@ -169,6 +182,7 @@ class FarpWatcher:
             version=self._version,
             services=services,
             conflicts=conflicts,
+            plain_services=plain,
         )
         self.services = services
         self.conflicts = conflicts
@@ -190,13 +204,45 @@ class FarpWatcher:
         if retry_needed:
             asyncio.get_running_loop().call_later(self.retry_interval, self._changed.set)
 
+    async def _resolve(self, instance: DiscoveredInstance) -> DiscoveredInstance:
+        """Fetch the manifest of an instance known only by ``farp.*`` metadata.
+
+        Cached per source for ``resolve_interval``; a failed fetch keeps the last
+        manifest that source gave. Plain instances (no ``farp.enabled``) pass unchanged.
+        """
+        if instance.manifest is not None or not is_enabled(instance.metadata):
+            return instance
+        now = time.monotonic()
+        cached = self._resolved.get(instance.key)
+        if cached is not None and now - cached[0] < self.resolve_interval:
+            document = cached[1]
+        else:
+            if self._client is None:
+                self._client = httpx.AsyncClient(timeout=5.0, follow_redirects=True)
+            document = await resolve_manifest(instance, self._client)
+            if document is None and cached is not None:
+                document = cached[1]
+            self._resolved[instance.key] = (now, document)
+        if self.resolve_interval and not self._resolve_scheduled:
+            # Metadata-only instances change their manifest without a discovery event.
+            self._resolve_scheduled = True
+            asyncio.get_running_loop().call_later(self.resolve_interval, self._re_resolve)
+        if document is None:
+            return instance
+        return dataclasses.replace(instance, manifest=document)
+
+    def _re_resolve(self) -> None:
+        self._resolve_scheduled = False
+        self._changed.set()
+
     async def _accept(self, instance: DiscoveredInstance) -> AcceptedInstance | None:
         """Validate and fetch one instance's manifest; None when it must be rejected."""
         metrics = self.gateway.metrics
         document = instance.manifest
         if document is None:
-            self._reject(instance.key, "", "no_manifest", "instance without a manifest ignored")
-            return None
+            if is_enabled(instance.metadata):
+                self._reject(instance.key, "", "no_manifest", "FARP instance without a manifest")
+            return None  # a plain instance: an endpoint of its service, no routes
         try:
             fingerprint = hashlib.sha256(canonical_json(document)).hexdigest()
         except (TypeError, ValueError) as exc:
@@ -259,11 +305,22 @@ class FarpWatcher:
     def _publish_metrics(self, services: list[FarpService]) -> None:
         metrics = self.gateway.metrics
         metrics.farp_services.set(len({s.name for s in services}))
-        metrics.farp_routes.clear()
         counts: dict[tuple[str, str], int] = {}
         for service in services:
             for route in service.routes:
                 key = (service.name, route.kind)
                 counts[key] = counts.get(key, 0) + 1
-        for (service_name, kind), count in counts.items():
-            metrics.farp_routes.labels(service_name, kind).set(count)
+        metrics.set_farp_routes(counts)
+
+
+def _plain_services(instances: list[DiscoveredInstance]) -> dict[str, list[tuple[str, int]]]:
+    """Discovered instances without a manifest, grouped by service: plain endpoints."""
+    plain: dict[str, list[tuple[str, int]]] = {}
+    for instance in instances:
+        if instance.manifest is not None or not instance.service_name or not instance.address:
+            continue
+        url = f"http://{instance.address}"
+        members = plain.setdefault(instance.service_name, [])
+        if all(existing != url for existing, _ in members):
+            members.append((url, 100))
+    return plain

@@ -150,12 +150,15 @@ def manifest(
 class Gateway:
     """``create_app(config)`` served in a thread, with the admin API on the same port."""
 
-    def __init__(self, discovery: dict[str, Any], watch_interval: str = "200ms") -> None:
+    def __init__(
+        self, discovery: dict[str, Any], watch_interval: str = "200ms", **extra: Any
+    ) -> None:
         config = {
             "discovery": discovery,
             "farp": {"watch_interval": watch_interval},
             "observability": {"logging": {"access_log": False}},
             "routing": {"retries": 0},
+            **extra,
         }
         self.app: GatewayApp = create_app(config)
         self.server = ThreadedServer(self.app)

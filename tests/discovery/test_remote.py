@@ -70,6 +70,7 @@ def test_state_changes_are_logged_once_and_counted(caplog: pytest.LogCaptureFixt
         "backend": "flaky",
         "state": UNAVAILABLE,
         "last_sync": backend.last_sync,
+        "last_error": "watch: TimeoutError",
     }
 
 
