@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import logging
 from typing import Any
 
 import bcrypt
@@ -22,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from app.dashboard import dashboard_routes
 from app.docs import docs_routes
 from app.farp_push import (
     PushTokenGuard,
@@ -32,6 +34,8 @@ from app.farp_push import (
 )
 from gateway.routing.table import Route as TableRoute
 from gateway.runtime import Gateway
+
+log = logging.getLogger("octopus.admin")
 
 OPEN_PATHS = frozenset({"/_/health", "/_/ready"})
 
@@ -78,6 +82,55 @@ def services_document(gateway: Gateway) -> dict[str, Any]:
             }
         )
     return {"upstreams": upstreams, "discovery": list(gateway.discovery_state)}
+
+
+def plugins_document(gateway: Gateway) -> dict[str, Any]:
+    """Loaded plugins, where each came from, and the routes whose chain runs it."""
+    loaded = gateway.plugins
+    routes = sorted(gateway.table.routes, key=lambda r: r.order)
+    chains = [(route.name, loaded.chain_for(route.plugins)) for route in routes]
+    return {
+        "plugins": [
+            {
+                "name": name,
+                "version": plugin.metadata.version,
+                "description": plugin.metadata.description,
+                "kind": plugin.metadata.kind,
+                "source": loaded.sources.get(name, "builtin"),
+                "middleware": plugin in loaded.middleware,
+                "routes": [route for route, chain in chains if plugin in chain],
+            }
+            for name, plugin in loaded.by_name.items()
+        ]
+    }
+
+
+async def purge_cache(gateway: Gateway, path: str | None) -> Response:
+    """``DELETE /_/cache[?path=/x]``: drop the entries of every configured cache plugin."""
+    caches: dict[tuple[str, str], Any] = {}
+    for plugin in gateway.plugins.by_name.values():
+        if plugin.metadata.name == "cache" and hasattr(plugin, "purge"):
+            # Plugins sharing one Redis and prefix share their entries: purge once.
+            caches.setdefault((plugin.config.redis_url, plugin.config.prefix), plugin)
+    if not caches:
+        return JSONResponse(
+            {"error": "not_found", "message": "no cache plugin is configured"}, status_code=404
+        )
+    if path is not None and not path.startswith("/"):
+        return JSONResponse(
+            {"error": "bad_request", "message": "path must start with /"}, status_code=400
+        )
+    purged = 0
+    try:
+        for plugin in caches.values():
+            purged += await plugin.purge(path)
+    except Exception as exc:  # the cache's store (Redis) is unreachable or failing
+        log.warning("cache purge failed", extra={"error": f"{type(exc).__name__}: {exc}"})
+        return JSONResponse(
+            {"error": "unavailable", "message": f"cache store unavailable: {exc}"},
+            status_code=503,
+        )
+    return JSONResponse({"purged": purged, "path": path})
 
 
 class AdminAuth:
@@ -168,11 +221,22 @@ def create_admin_app(gateway: Gateway) -> Any:
     async def services(request: Request) -> Response:
         return JSONResponse(services_document(gateway))
 
+    async def plugins(request: Request) -> Response:
+        return JSONResponse(plugins_document(gateway))
+
     async def config(request: Request) -> Response:
         return JSONResponse(gateway.settings.redacted())
 
     async def metrics(request: Request) -> Response:
+        if not gateway.settings.observability.metrics.enabled:
+            return JSONResponse(
+                {"error": "not_found", "message": "metrics are disabled"}, status_code=404
+            )
+        gateway.refresh_breaker_metrics()
         return Response(gateway.metrics.exposition(), media_type=gateway.metrics.content_type)
+
+    async def cache_purge(request: Request) -> Response:
+        return await purge_cache(gateway, request.query_params.get("path"))
 
     async def index(request: Request) -> Response:
         return JSONResponse(
@@ -183,6 +247,8 @@ def create_admin_app(gateway: Gateway) -> Any:
                     "/_/ready",
                     "/_/routes",
                     "/_/services",
+                    "/_/plugins",
+                    "/_/stats",
                     "/_/config",
                     "/_/openapi.json",
                     "/_/asyncapi.json",
@@ -195,16 +261,18 @@ def create_admin_app(gateway: Gateway) -> Any:
 
     metrics_path = gateway.settings.observability.metrics.path or "/metrics"
     routes_list = [
-        Route("/_/", index),
         Route("/_/health", health),
         Route("/_/ready", ready),
         Route("/_/routes", routes),
         Route("/_/services", services),
+        Route("/_/plugins", plugins),
         Route("/_/config", config),
+        Route("/_/cache", cache_purge, methods=["DELETE"]),
         Route(metrics_path, metrics),
     ]
     if metrics_path != "/metrics":
         routes_list.append(Route("/metrics", metrics))
+    routes_list.extend(dashboard_routes(gateway, index))
     routes_list.extend(docs_routes(gateway))
     routes_list.extend(push_routes(gateway))
     app: Any = Starlette(routes=routes_list)

@@ -13,11 +13,14 @@ import logging
 import os
 import posixpath
 import time
+from random import random
 from typing import Any
 from urllib.parse import quote
 
 from gateway.errors import GatewayError, error_code, send_error
 from gateway.extensions.chain import PluginChain
+from gateway.graphql.handler import GraphQLHandler
+from gateway.grpc.content import is_grpc_web
 from gateway.observability.metrics import UNMATCHED
 from gateway.proxy.http import HttpProxy, ResponseAborted, make_request_id
 from gateway.proxy.websocket import WebSocketSession, upstream_headers
@@ -40,12 +43,21 @@ class GatewayApp:
     def __init__(self, gateway: Gateway, *, serve_admin: bool = True) -> None:
         self.gateway = gateway
         settings = gateway.settings
+        #: None unless tracing is on; the request path checks only this.
+        self.tracing = gateway.tracing
         self.proxy = HttpProxy(
             max_body_size=settings.server.max_body_size,
             trusted_proxies=gateway.trusted_proxies,
+            tracing=gateway.tracing,
         )
         self.metrics = gateway.metrics
-        self.access_log = bool(settings.observability.logging.access_log)
+        self.graphql = GraphQLHandler(self.proxy, observe_upstream=self.metrics.observe_upstream)
+        logs = settings.observability.logging
+        self.access_log = bool(logs.access_log) and logs.access_log_sample > 0
+        #: The share of requests that get an access-log line; None: every one.
+        self.access_sample: float | None = (
+            logs.access_log_sample if logs.access_log_sample < 1 else None
+        )
         self.serve_admin = serve_admin
         self._admin: ASGIApp | None = None
         self._chains: dict[tuple[str, ...], PluginChain | None] = {}
@@ -58,6 +70,13 @@ class GatewayApp:
                 self._http = plugin.wrap(self._http)
         metrics = settings.observability.metrics
         self.metrics_path = metrics.path if metrics.enabled else None
+        #: ``octopus run`` data listener only: metrics there are opt-in, and open (no admin
+        #: auth), for scrapers that can reach nothing else.
+        self.data_metrics_path = (
+            metrics.path
+            if metrics.enabled and metrics.expose_on_data_port and not serve_admin
+            else None
+        )
 
     @property
     def settings(self) -> Any:
@@ -99,6 +118,8 @@ class GatewayApp:
         started = time.perf_counter()
         route_label = UNMATCHED
         status = 500
+        tracing = self.tracing
+        span = None if tracing is None else tracing.start_server_span(scope, "GET", path)
         metrics = self.metrics
         metrics.active_connections.inc()
         try:
@@ -144,12 +165,19 @@ class GatewayApp:
                 target += "?" + query.decode("latin-1")
             client = scope.get("client")
             client_ip = client[0] if client else "unknown"
+            upstream_span = None
+            if tracing is not None:
+                address = endpoint.address
+                upstream_span = tracing.start_client_span(
+                    "GET", route.upstream_name, address.host, address.port
+                )
             forwarded = upstream_headers(
                 headers,
                 client_ip=client_ip,
                 scheme="https" if scope.get("scheme") == "wss" else "http",
                 request_id=request_id,
                 trusted=gateway.trusted_proxies.trusts(client_ip),
+                trace_headers=None if upstream_span is None else upstream_span.header_lines(),
             )
             session = WebSocketSession()
             gateway.websockets.add(session)
@@ -161,12 +189,16 @@ class GatewayApp:
             finally:
                 endpoint.in_flight -= 1
                 gateway.websockets.discard(session)
+                if upstream_span is not None:
+                    upstream_span.finish(status if status < 500 else None, status)
         except Exception:
             log.exception("websocket proxy failed", extra={"request_id": request_id})
             status = 500
         finally:
             metrics.active_connections.dec()
             metrics.observe_request("GET", status, route_label, time.perf_counter() - started)
+            if span is not None:
+                span.finish(status, None if route_label == UNMATCHED else route_label)
 
     async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         gateway = self.gateway
@@ -176,10 +208,15 @@ class GatewayApp:
         if self.serve_admin and (path.startswith(ADMIN_PREFIXES) or path == self.metrics_path):
             await self._serve_admin(scope, receive, send)
             return
+        if path == self.data_metrics_path:
+            await self._serve_metrics(send)
+            return
         started = time.perf_counter()
         method = scope["method"]
         headers = scope["headers"]
         request_id = make_request_id(headers)
+        tracing = self.tracing
+        span = None if tracing is None else tracing.start_server_span(scope, method, path)
         metrics = self.metrics
         metrics.active_connections.inc()
         route_label = UNMATCHED
@@ -216,7 +253,8 @@ class GatewayApp:
             route = found.route
             route_label = route.path
             upstream_name = route.upstream_name
-            if route.upstream is None:
+            # The combined GraphQL endpoint has no upstream of its own: one per service.
+            if route.upstream is None and (route.graphql is None or not route.graphql.stitched):
                 status = 503
                 await send_error(
                     send, 503, f"upstream {route.upstream_name!r} is not available", request_id
@@ -242,9 +280,20 @@ class GatewayApp:
                 )
             else:
                 upstream_path = raw_path
-            outcome = await self.proxy.forward(
-                scope, receive, send, route, upstream_path, request_id
-            )
+            if route.graphql is not None:  # policy checks first (gateway.graphql)
+                outcome = await self.graphql.handle(
+                    scope, receive, send, route, upstream_path, request_id
+                )
+            elif method == "POST" and is_grpc_web(scope["headers"]):
+                from gateway.grpc.web import forward_grpc_web  # grpcio only when needed
+
+                outcome = await forward_grpc_web(
+                    gateway, scope, receive, send, route, upstream_path, request_id
+                )
+            else:
+                outcome = await self.proxy.forward(
+                    scope, receive, send, route, upstream_path, request_id
+                )
             status = outcome.status
             if outcome.upstream_status is not None:
                 metrics.observe_upstream(upstream_name, outcome.upstream_status)
@@ -272,20 +321,24 @@ class GatewayApp:
             metrics.active_connections.dec()
             elapsed = time.perf_counter() - started
             metrics.observe_request(method, status, route_label, elapsed)
-            if self.access_log:
-                access_log.info(
-                    "request",
-                    extra={
-                        "request_id": request_id,
-                        "method": method,
-                        "path": path,
-                        "status": status,
-                        "duration_ms": round(elapsed * 1000, 3),
-                        "route": route_label,
-                        "upstream": upstream_name,
-                        "client": (scope.get("client") or ("",))[0],
-                    },
-                )
+            if self.access_log and (self.access_sample is None or random() < self.access_sample):
+                query = scope.get("query_string")
+                extra = {
+                    "request_id": request_id,
+                    "method": method,
+                    # With its query string; credentials in it are masked by the log filter.
+                    "path": f"{path}?{query.decode('latin-1')}" if query else path,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 3),
+                    "route": route_label,
+                    "upstream": upstream_name,
+                    "client": (scope.get("client") or ("",))[0],
+                }
+                if span is not None:
+                    extra["trace_id"] = span.trace_id
+                access_log.info("request", extra=extra)
+            if span is not None:
+                span.finish(status, None if route_label == UNMATCHED else route_label)
 
     def _chain_for(self, names: tuple[str, ...]) -> PluginChain | None:
         """The plugin chain for a route's plugin names (cached); None when empty."""
@@ -320,6 +373,22 @@ class GatewayApp:
             websocket=scope["type"] == "websocket",
             route_auth=route.auth_hints if route else None,
         )
+
+    async def _serve_metrics(self, send: Send) -> None:
+        """``observability.metrics.path`` on the data listener (``expose_on_data_port``)."""
+        self.gateway.refresh_breaker_metrics()
+        body = self.metrics.exposition()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", self.metrics.content_type.encode()),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
 
     async def _serve_admin(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._admin is None:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.discovery.factory import create_backends
 from gateway.extensions.loader import PluginError, load_plugins
@@ -27,6 +27,9 @@ from gateway.upstream.health_monitor import HealthMonitor
 from gateway.upstream.registry import EndpointRegistry, PoolRegistry
 from settings import ConfigError
 
+if TYPE_CHECKING:
+    from gateway.observability.tracing import Tracing
+
 log = logging.getLogger("octopus")
 
 
@@ -40,6 +43,9 @@ class Gateway:
         self.endpoints.on_breaker_change = self._breaker_changed
         self.health = HealthMonitor()
         self.metrics = GatewayMetrics()
+        self._breaker_series: set[tuple[str, str]] = set()  # (upstream, url) in the gauge
+        #: None unless ``observability.tracing.enabled``: the request path checks only that.
+        self.tracing: Tracing | None = _create_tracing(settings)
         self.trusted_proxies = TrustedProxies(settings.server.trusted_proxies)
         try:
             self.plugins = load_plugins(settings)
@@ -85,12 +91,27 @@ class Gateway:
     def swap(self, table: RoutingTable) -> None:
         """Make ``table`` the one new requests use."""
         self.table = table
-        for upstream in table.upstreams.values():
+        self.refresh_breaker_metrics()
+        if self.started:
+            self.health.reconcile(table)
+
+    def refresh_breaker_metrics(self) -> None:
+        """Put every breaker's current state in the metrics (before a scrape), and drop
+        the series of endpoints the table no longer has.
+
+        Open → half-open is driven by time and happens when someone reads the state;
+        with no traffic nobody does, and the gauge would show ``open`` long after.
+        """
+        current: set[tuple[str, str]] = set()
+        for upstream in self.table.upstreams.values():
             for endpoint in upstream.endpoints:
                 if endpoint.breaker is not None:
                     self.metrics.set_breaker(upstream.name, endpoint.url, endpoint.breaker.state)
-        if self.started:
-            self.health.reconcile(table)
+                    current.add((upstream.name, endpoint.url))
+        for upstream_name, url in self._breaker_series - current:
+            with contextlib.suppress(KeyError):
+                self.metrics.breaker_state.remove(upstream_name, url)
+        self._breaker_series = current
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run ``coro`` in the background until it ends or ``shutdown()`` cancels it.
@@ -156,4 +177,24 @@ class Gateway:
             except Exception:
                 log.exception("plugin failed to stop", extra={"plugin": plugin.metadata.name})
         await self.pools.close()
+        if self.tracing is not None:
+            # Flushes buffered spans; the exporter may block on the network.
+            await asyncio.to_thread(self.tracing.shutdown)
         self.started = False
+
+
+def _create_tracing(settings: Any) -> Tracing | None:
+    """The tracer of this gateway, or None when tracing is off (the SDK is not imported)."""
+    config = settings.observability.tracing
+    if not config.enabled:
+        return None
+    try:
+        from gateway.observability.tracing import Tracing
+    except ImportError as exc:
+        raise ConfigError(
+            [
+                "observability.tracing.enabled: tracing needs the OpenTelemetry SDK and "
+                f"OTLP exporters ({exc.name} is missing): reinstall octopus-gateway"
+            ]
+        ) from None
+    return Tracing(config)

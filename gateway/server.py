@@ -6,7 +6,10 @@ in one event loop: the data plane (the gateway app) and, when enabled, the admin
 answers describe exactly the table and pools that serve traffic. With more than one
 worker the parent process binds the sockets and supervises worker processes
 (``gateway.supervisor``); each worker runs the same two listeners on the inherited
-sockets.
+sockets. With ``server.grpc_port`` set, each process also runs the gRPC listener
+(``gateway.grpc.server``) in the same loop, on the same ``Gateway``; grpcio binds it
+itself, on the port the parent reserved (``reserve_port``), announced as
+``octopus listening: grpc grpc://HOST:PORT`` (``grpcs://`` with TLS).
 
 Sockets are bound here, not by uvicorn, so that
 
@@ -120,26 +123,66 @@ def bind_socket(host: str, port: int, *, backlog: int = BACKLOG) -> socket.socke
     return sock
 
 
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind ``host:port`` without listening, with ``SO_REUSEPORT``: a reservation.
+
+    For the gRPC listener, which grpcio binds by itself in each process (it cannot
+    adopt a socket). The reservation resolves ``port: 0`` to a real port once, in the
+    parent, so every worker binds the same one (``SO_REUSEPORT`` lets them share it), and
+    reports a taken port before any worker starts. A socket that does not listen takes
+    no connections, so holding it steals nothing from the workers.
+
+    Raises:
+        ListenError: the address does not resolve or cannot be bound.
+    """
+    host = host or "0.0.0.0"
+    try:
+        infos = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot listen on {_show(host, port)}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {_show(host, port)}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def _show(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def bind_listeners(settings: Any) -> list[Listener]:
-    """The data listener and, when the admin plane is enabled, the admin listener.
+    """The data listener, the admin listener when the admin plane is enabled, and the
+    gRPC port reservation (``reserve_port``) when ``server.grpc_port`` is set.
 
     Raises:
-        ListenError: either could not be bound (nothing stays bound then).
+        ListenError: one could not be bound (nothing stays bound then).
     """
     server = settings.server
     scheme = "https" if settings.tls.enabled else "http"
     listeners = [Listener("data", bind_socket(server.host, server.http_port), scheme)]
-    if settings.admin.enabled:
-        host, port = settings.admin.listen_address(server)
-        try:
+    try:
+        if settings.admin.enabled:
+            host, port = settings.admin.listen_address(server)
             listeners.append(Listener("admin", bind_socket(host, port)))
-        except ListenError:
-            listeners[0].sock.close()
-            raise
+        if server.grpc_port is not None:
+            grpc_scheme = "grpcs" if settings.tls.enabled else "grpc"
+            sock = reserve_port(server.host, server.grpc_port)
+            listeners.append(Listener("grpc", sock, grpc_scheme))
+    except ListenError:
+        for listener in listeners:
+            listener.sock.close()
+        raise
     return listeners
 
 
@@ -150,7 +193,11 @@ def announce(name: str, url: str, note: str = "") -> None:
     so scripts can parse it) and logged as a structured record.
     """
     suffix = f" ({note})" if note else ""
-    print(f"octopus listening: {name} {url}{suffix}", file=sys.stderr, flush=True)
+    # One write(2) of the whole line: workers share stderr, and print() writes the text
+    # and the newline separately, so another process's log line could land between them.
+    line = f"octopus listening: {name} {url}{suffix}\n".encode()
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), line)
     log.info("listening", extra={"listener": name, "url": url, "pid": os.getpid()})
 
 
@@ -357,6 +404,16 @@ async def _serve_listeners(
             await data.shutdown(sockets=data_sockets)
             return EXIT_STARTUP
 
+    grpc_server = None
+    if "grpc" in by_name:
+        grpc_server = await _start_grpc(gateway, settings, by_name["grpc"].port)
+        if grpc_server is None:
+            for server, sockets in ((data, data_sockets), (admin, admin_sockets)):
+                if server is not None:
+                    server.should_exit = True
+                    await server.shutdown(sockets=sockets)
+            return EXIT_FAILURE
+
     data_ticks = asyncio.create_task(data.main_loop(), name="octopus-data-ticks")
     admin_ticks = (
         asyncio.create_task(admin.main_loop(), name="octopus-admin-ticks") if admin else None
@@ -369,9 +426,19 @@ async def _serve_listeners(
     on_ready()
 
     await data_ticks
+    # The gRPC listener stops taking calls now and drains beside the data listener; the
+    # gateway's shutdown (lifespan, in data.shutdown) waits for its calls before closing
+    # the upstream channels (gateway.grpc.forwarder).
+    grpc_stopped = (
+        asyncio.create_task(grpc_server.stop(settings.server.graceful_timeout))
+        if grpc_server is not None
+        else None
+    )
     # The data listener closes first; the admin listener keeps answering (503 on
     # /_/ready) until in-flight requests are done and the gateway has shut down.
     await data.shutdown(sockets=data_sockets)
+    if grpc_stopped is not None:
+        await grpc_stopped
     if admin is not None and admin_ticks is not None:
         admin.should_exit = True
         await admin_ticks
@@ -382,6 +449,19 @@ async def _serve_listeners(
             await orphan_watch
     log.info("stopped", extra={"pid": os.getpid()})
     return EXIT_OK
+
+
+async def _start_grpc(gateway: Any, settings: Any, port: int) -> Any:
+    """Start the gRPC listener on the reserved port; None (logged) when it cannot bind."""
+    from gateway.grpc.server import GrpcListenError, start_grpc_listener
+
+    try:
+        server, _ = await start_grpc_listener(gateway, settings.server.host, port)
+    except (GrpcListenError, OSError) as exc:
+        print(f"octopus: {exc}", file=sys.stderr)
+        log.error("cannot start the gRPC listener", extra={"reason": str(exc)})
+        return None
+    return server
 
 
 async def _start(server: uvicorn.Server, sockets: list[socket.socket]) -> bool:
@@ -419,6 +499,13 @@ def serve_granian(settings: Any, *, workers: int) -> int:
     from granian.constants import HTTPModes, Interfaces, SSLProtocols
     from granian.log import LogLevels
     from granian.server import Server
+
+    if settings.server.grpc_port is not None:
+        print(
+            "octopus: the gRPC listener (server.grpc_port) needs --server uvicorn",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
 
     source = str(getattr(settings, "source", "<default>"))
     if source == "<default>":

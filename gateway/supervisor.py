@@ -4,8 +4,11 @@ The parent binds the data and admin sockets once, then starts N workers that eac
 the same two uvicorn listeners (``gateway.server.run_in_process``) on those sockets;
 the kernel hands each new connection to whichever worker accepts first. Each worker has
 its own ``Gateway`` (routing table, pools, metrics), as DESIGN.md §5 says, so an admin
-answer (``/_/services``, ``/metrics``...) describes the worker that happened to accept
-that admin connection, not the sum of all workers.
+answer (``/_/services``...) describes the worker that happened to accept that admin
+connection, not the sum of all workers. ``/metrics`` is the exception: workers write
+their values to a multiprocess directory the parent creates afresh for every start
+(``gateway.observability.metrics.MetricsDirectory``), and any worker's scrape merges
+them all.
 
 Process model: ``multiprocessing`` with the ``spawn`` start method, not ``fork``.
 A forked worker would inherit whatever the parent had at fork time: imported native
@@ -47,6 +50,7 @@ from multiprocessing.connection import wait as wait_for
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from gateway.observability.metrics import MetricsDirectory
 from gateway.server import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -115,6 +119,8 @@ class WorkerSupervisor:
         self.killed = False
         self.announced = False
         self.exit_code = EXIT_OK
+        #: Where workers write metric values so one scrape shows all of them.
+        self.metrics_dir: MetricsDirectory | None = None
 
     def run(self) -> int:
         """Supervise until stopped; the return value is the process exit code."""
@@ -123,6 +129,8 @@ class WorkerSupervisor:
         os.set_blocking(wake_write, False)
         previous = {signum: signal.signal(signum, _record_only) for signum in _STOP_SIGNALS}
         previous_wakeup = signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+        if self.settings.observability.metrics.enabled:
+            self.metrics_dir = MetricsDirectory.create()
         try:
             log.info(
                 "starting workers",
@@ -138,6 +146,8 @@ class WorkerSupervisor:
             os.close(wake_read)
             os.close(wake_write)
             self._kill_all()
+            if self.metrics_dir is not None:
+                self.metrics_dir.close()
 
     def _supervise(self, wake_read: int) -> int:
         while True:
@@ -224,6 +234,8 @@ class WorkerSupervisor:
         pid = process.pid
         process.close()
         slot.process = None
+        if self.metrics_dir is not None and pid is not None:
+            self.metrics_dir.process_exited(pid)
         if slot.ready is not None:
             slot.ready.close()
             slot.ready = None

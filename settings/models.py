@@ -360,11 +360,7 @@ class Settings(ConfigModel):
         for index, route in enumerate(routes):
             # Skip a check when the section it needs failed validation itself:
             # its own errors are already reported and these would only be noise.
-            if (
-                upstreams is not None
-                and route.upstream not in upstreams
-                and not discovers_services
-            ):
+            if upstreams is not None and route.upstream not in upstreams and not discovers_services:
                 known = ", ".join(sorted(upstreams)) or "none defined"
                 issues.append(
                     (

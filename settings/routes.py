@@ -14,11 +14,13 @@ from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from settings.fields import ConfigModel, Duration, Int, NonNegativeInt, Size
+from settings.fields import ConfigModel, Duration, Int, NonNegativeInt, PositiveInt, Size
 
 __all__ = [
     "HTTP_METHODS",
+    "GraphQLRouteSettings",
     "MatchSettings",
+    "PersistedQueriesSettings",
     "RewriteRule",
     "RouteSettings",
     "path_template_params",
@@ -42,6 +44,7 @@ _HOST_LABEL = r"[a-z0-9](?:[a-z0-9_-]*[a-z0-9])?"
 _HOST = re.compile(rf"(?:\*\.)?{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?(?::\d{{1,5}})?")
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _GROUP_REF = re.compile(r"\$(\d+)")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def path_template_params(template: str) -> list[tuple[str, bool]]:
@@ -181,6 +184,35 @@ class WebSocketRouteSettings(ConfigModel):
     max_message_size: Size = 1024 * 1024
 
 
+class PersistedQueriesSettings(ConfigModel):
+    """Trusted GraphQL operations, by the SHA-256 of their query text (as Apollo APQ
+    hashes it): they skip the limits, and with ``only`` nothing else may run."""
+
+    allow_list: list[str] = Field(default_factory=list)
+    only: bool = False
+
+    @field_validator("allow_list")
+    @classmethod
+    def _sha256(cls, values: list[str]) -> list[str]:
+        bad = [v for v in values if not _SHA256.fullmatch(v)]
+        if bad:
+            raise ValueError(f"not SHA-256 hex digests: {', '.join(map(repr, bad))}")
+        return [v.lower() for v in values]
+
+
+class GraphQLRouteSettings(ConfigModel):
+    """A route's GraphQL policy (gateway extension); unset keys take the top-level
+    ``graphql:`` values. Its presence makes the route a GraphQL route."""
+
+    max_depth: PositiveInt | None = None
+    max_aliases: NonNegativeInt | None = None
+    max_complexity: PositiveInt | None = None
+    introspection: bool | None = None
+    list_multipliers: bool | None = None
+    max_body_size: Size | None = None
+    persisted_queries: PersistedQueriesSettings | None = None
+
+
 class RouteSettings(ConfigModel):
     """One static route."""
 
@@ -201,6 +233,8 @@ class RouteSettings(ConfigModel):
     websocket: WebSocketRouteSettings = Field(default_factory=lambda: WebSocketRouteSettings())
     #: Names of top-level ``plugins`` entries, run after the global ``middleware``.
     plugins: list[str] = Field(default_factory=list)
+    #: Makes this a GraphQL route with these limits (gateway extension).
+    graphql: GraphQLRouteSettings | None = None
 
     @field_validator("name", "upstream")
     @classmethod

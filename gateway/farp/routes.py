@@ -4,6 +4,23 @@ Pure functions: the same manifests and documents always give the same routes. Th
 result is a list of ``FarpService``: one upstream (its endpoints are the serving
 instances) and the routes that lead to it, after mount strategy, rewrite and conflict
 resolution.
+
+gRPC (FARP.md §3: "a gRPC schema, or capabilities containing grpc, makes the
+service's package.Service names routable on the gRPC listener"): the names come from
+the ``grpc`` schema document, in one of these forms
+
+* ``{"services": ["echo.Echo", ...]}`` (entries may also be ``{"name": "echo.Echo"}``);
+* a ``FileDescriptorSet`` in protobuf's JSON form, ``{"file": [{"package": "echo",
+  "service": [{"name": "Echo", ...}]}]}``, or a single ``FileDescriptorProto``
+  (``{"package": ..., "service": [...]}``);
+
+or, for a manifest with ``grpc`` in its capabilities and no such schema, from
+``route_table`` entries with ``protocol: grpc`` (``{"path": "/echo.Echo/{method}"}``).
+Each name becomes the route ``/{package.Service}/{method}`` (kind ``grpc``, method
+POST). gRPC paths are fixed by the protocol, so mount strategies, rewrites and
+subdomains do not apply to them, and all instances of a service share them whatever
+the strategy: the gRPC routes of a service get their own upstream,
+``{service_name}:grpc``, whose endpoints are every serving instance at ``h2c://``.
 """
 
 from __future__ import annotations
@@ -34,7 +51,7 @@ class GeneratedRoute:
     upstream_path: str | None  # template sent upstream (None: forward the public path)
     methods: frozenset[str]
     host: str | None
-    kind: str  # "http" | "websocket" | "sse" | "graphql"
+    kind: str  # "http" | "websocket" | "sse" | "graphql" | "grpc"
     operation_id: str | None = None
     #: The manifest's auth hints for this route (honoured only with
     #: ``farp.trust_auth_hints``): no authentication needed, and scopes required.
@@ -55,6 +72,8 @@ class FarpService:
     first_seen: float
     manifests: list[Manifest] = field(default_factory=list)
     documents: dict[str, Any] = field(default_factory=dict)  # schema type -> document
+    #: "grpc": the gRPC routes of a service; its endpoints speak HTTP/2 only (h2c).
+    protocol: str = "http"
 
 
 def mount_prefix(manifest: Manifest) -> str:
@@ -163,6 +182,68 @@ def channels_from_asyncapi(document: Mapping[str, Any]) -> list[tuple[str, str]]
     return found
 
 
+_GRPC_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def grpc_service_names(document: Any) -> list[str]:
+    """``package.Service`` names from a ``grpc`` schema document (forms: module doc)."""
+    names: list[str] = []
+    if not isinstance(document, Mapping):
+        return names
+    listed = document.get("services")
+    if isinstance(listed, list):
+        for entry in listed:
+            name = entry.get("name") if isinstance(entry, Mapping) else entry
+            if isinstance(name, str):
+                names.append(name.strip().lstrip("."))
+    files = document.get("file")
+    files = files if isinstance(files, list) else [document] if "service" in document else []
+    for descriptor in files:
+        if not isinstance(descriptor, Mapping):
+            continue
+        package = descriptor.get("package")
+        prefix = f"{package}." if isinstance(package, str) and package else ""
+        services = descriptor.get("service")
+        for service in services if isinstance(services, list) else ():
+            if isinstance(service, Mapping) and isinstance(service.get("name"), str):
+                names.append(prefix + service["name"])
+    unique = []
+    for name in names:
+        if _GRPC_NAME.match(name) and name not in unique:
+            unique.append(name)
+        elif not _GRPC_NAME.match(name):
+            log.warning("gRPC service name skipped", extra={"grpc_service": name})
+    return unique
+
+
+def grpc_routes_for_manifest(
+    manifest: Manifest, documents: Mapping[str, Any]
+) -> list[GeneratedRoute]:
+    """The gRPC routes one manifest asks for (see the module doc)."""
+    post = frozenset({"POST"})
+    paths: list[str] = []
+    if "grpc" in documents:
+        paths = [f"/{name}/{{method}}" for name in grpc_service_names(documents["grpc"])]
+    elif "grpc" in manifest.capabilities:
+        paths = [
+            _sanitise_params(str(entry["path"]))
+            for entry in manifest.route_table
+            if str(entry.get("protocol") or "").lower() == "grpc"
+        ]
+    routes = []
+    for path in paths:
+        try:
+            compile_template(path)
+        except TemplateError as exc:
+            log.warning(
+                "FARP route skipped",
+                extra={"service": manifest.service_name, "path": path, "reason": str(exc)},
+            )
+            continue
+        routes.append(GeneratedRoute(path, None, post, None, "grpc"))
+    return routes
+
+
 def routes_for_manifest(manifest: Manifest, documents: Mapping[str, Any]) -> list[GeneratedRoute]:
     """Every public route one manifest asks for."""
     hints = manifest.routing
@@ -173,6 +254,8 @@ def routes_for_manifest(manifest: Manifest, documents: Mapping[str, Any]) -> lis
         for entry in manifest.route_table:
             methods = frozenset(str(m).upper() for m in entry.get("methods") or ["GET"])
             protocol = str(entry.get("protocol") or "http").lower()
+            if protocol == "grpc":
+                continue  # grpc_routes_for_manifest
             kind = protocol if protocol in ("websocket", "sse", "graphql") else "http"
             own.append((entry["path"], methods, kind, entry.get("operation_id")))
             if entry.get("public") is True:
@@ -252,11 +335,16 @@ def build_services(
             upstream_name = manifest.service_name
         groups.setdefault(upstream_name, []).append(manifest)
     services: list[FarpService] = []
+    grpc_services = _grpc_services(groups.values(), documents, first_seen)
+    with_grpc = {service.name for service in grpc_services}
     for upstream_name, members in sorted(groups.items()):
         # The newest manifest describes the routes; every serving instance is an endpoint.
         members.sort(key=lambda m: (m.updated_at, m.instance_id), reverse=True)
         lead = members[0]
         docs = documents.get(lead.key, {})
+        routes = routes_for_manifest(lead, docs)
+        if not routes and lead.service_name in with_grpc:
+            continue  # a gRPC-only service: no HTTP upstream to health-check for nothing
         endpoints = [
             (f"http://{m.instance.address}", m.instance.weight)
             for m in members
@@ -267,7 +355,7 @@ def build_services(
                 name=lead.service_name,
                 upstream_name=upstream_name,
                 endpoints=endpoints,
-                routes=routes_for_manifest(lead, docs),
+                routes=routes,
                 priority=lead.routing.priority,
                 version=lead.service_version,
                 first_seen=min(first_seen.get(m.key, 0.0) for m in members),
@@ -275,8 +363,50 @@ def build_services(
                 documents=dict(docs),
             )
         )
+    services.extend(grpc_services)
     conflicts = resolve_conflicts(services)
     return services, conflicts
+
+
+def _grpc_services(
+    groups: Iterable[list[Manifest]],
+    documents: Mapping[tuple[str, str], Mapping[str, Any]],
+    first_seen: Mapping[tuple[str, str], float],
+) -> list[FarpService]:
+    """One ``{service_name}:grpc`` service per service with gRPC routes: gRPC paths
+    cannot be mounted per instance, so every instance serves them, whatever the mount
+    strategy, as ``h2c://`` endpoints."""
+    by_name: dict[str, list[Manifest]] = {}
+    for members in groups:
+        for manifest in members:
+            by_name.setdefault(manifest.service_name, []).append(manifest)
+    services = []
+    for name, members in sorted(by_name.items()):
+        members.sort(key=lambda m: (m.updated_at, m.instance_id), reverse=True)
+        lead = members[0]
+        docs = documents.get(lead.key, {})
+        routes = grpc_routes_for_manifest(lead, docs)
+        if not routes:
+            continue
+        services.append(
+            FarpService(
+                name=name,
+                upstream_name=f"{name}:grpc",
+                endpoints=[
+                    (f"h2c://{m.instance.address}", m.instance.weight)
+                    for m in members
+                    if m.instance is not None and m.instance.address and m.serving
+                ],
+                routes=routes,
+                priority=lead.routing.priority,
+                version=lead.service_version,
+                first_seen=min(first_seen.get(m.key, 0.0) for m in members),
+                manifests=members,
+                documents={"grpc": docs["grpc"]} if "grpc" in docs else {},
+                protocol="grpc",
+            )
+        )
+    return services
 
 
 def _route_key(route: GeneratedRoute) -> tuple[str, str | None]:

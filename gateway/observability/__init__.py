@@ -1,1 +1,2 @@
-"""Metrics, logs and (later) traces."""
+"""Metrics (``metrics``), structured logs (``logging``) and OpenTelemetry traces
+(``tracing``, imported only when ``observability.tracing.enabled``)."""

@@ -36,6 +36,8 @@ _REQUEST_OWNED: frozenset[bytes] = HOP_BY_HOP | {
     b"forwarded",
     b"x-request-id",
 }
+#: With tracing on, the client's trace context is replaced by the gateway's span.
+_REQUEST_OWNED_TRACED: frozenset[bytes] = _REQUEST_OWNED | {b"traceparent", b"tracestate"}
 
 VIA_VALUE = b"1.1 octopus"
 #: ``Connection`` values that name no other header (the common case: skip the parse).
@@ -97,12 +99,16 @@ def build_request_head(
     request_id: bytes,
     trusted: bool,
     body_framing: bytes | None,
+    trace_headers: Sequence[tuple[bytes, bytes]] | None = None,
 ) -> bytes:
     """The bytes of the upstream request line and headers.
 
     ``body_framing`` is the ``content-length``/``transfer-encoding`` header line to send
-    (without CRLF) or None for a request without a body.
+    (without CRLF) or None for a request without a body. ``trace_headers`` (tracing on
+    only) are the gateway span's ``traceparent``/``tracestate``; they replace the
+    client's.
     """
+    owned = _REQUEST_OWNED if trace_headers is None else _REQUEST_OWNED_TRACED
     parts: list[bytes] = [
         method,
         b" ",
@@ -119,7 +125,7 @@ def build_request_head(
     original_host = b""
     named: frozenset[bytes] | None = None
     for name, value in headers:
-        if name in _REQUEST_OWNED or name == b"content-length":
+        if name in owned or name == b"content-length":
             if name == b"host":
                 original_host = value
             elif name == b"connection" and value.lower() not in _PLAIN_CONNECTION:
@@ -163,6 +169,12 @@ def build_request_head(
     append(b"\r\nvia: ")
     append(VIA_VALUE)
     append(b"\r\n")
+    if trace_headers:
+        for name, value in trace_headers:
+            append(name)
+            append(b": ")
+            append(value)
+            append(b"\r\n")
     if body_framing is not None:
         append(body_framing)
         append(b"\r\n")

@@ -14,8 +14,11 @@ import contextlib
 import itertools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from time import monotonic
+from typing import TYPE_CHECKING
 
 from gateway.errors import send_error
 from gateway.proxy.headers import TrustedProxies, build_request_head, filter_response_headers
@@ -29,8 +32,11 @@ from gateway.upstream.errors import (
     UpstreamTimeout,
 )
 from gateway.upstream.http1 import H1Connection
-from gateway.upstream.retry_budget import backoff_delay
+from gateway.upstream.retry_budget import RetryBudget, backoff_delay
 from gateway.upstream.upstream import Endpoint, Upstream
+
+if TYPE_CHECKING:  # the OpenTelemetry SDK is imported only when tracing is on
+    from gateway.observability.tracing import ClientSpan, Tracing
 
 log = logging.getLogger("octopus.proxy")
 
@@ -73,9 +79,17 @@ class Outcome:
 class HttpProxy:
     """Forwards HTTP requests that matched a route."""
 
-    def __init__(self, *, max_body_size: int, trusted_proxies: TrustedProxies) -> None:
+    def __init__(
+        self,
+        *,
+        max_body_size: int,
+        trusted_proxies: TrustedProxies,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.max_body_size = max_body_size
         self.trusted = trusted_proxies
+        #: None when tracing is off: then the only cost is one check per attempt.
+        self.tracing = tracing
 
     async def forward(
         self,
@@ -159,15 +173,16 @@ class HttpProxy:
         tried: list[Endpoint] = []
         attempts = 1 + max(retries, 0)
         last_error: UpstreamError | None = None
+        granted: float | None = None  # backoff of a retry already taken from the budget
+        status_retries = bool(policy.retry_statuses) and replayable and idempotent
         for attempt in range(attempts):
             if attempt:
-                # Retries are spent from a budget (at most ~20% extra load) and spaced
-                # with jittered backoff, so they cannot turn an outage into a storm.
-                if not budget.try_acquire_retry():
+                delay = (
+                    granted if granted is not None else _retry_delay(budget, attempt - 1, deadline)
+                )
+                if delay is None:
                     break
-                delay = backoff_delay(attempt - 1)
-                if deadline is not None and monotonic() + delay >= deadline:
-                    break
+                granted = None
                 await asyncio.sleep(delay)
             try:
                 endpoint = _pick(upstream, tried, key)
@@ -176,6 +191,17 @@ class HttpProxy:
                     last_error = exc
                 break
             tried.append(endpoint)
+            status_retry = (
+                partial(_retry_delay, budget, attempt, deadline)
+                if status_retries and attempt + 1 < attempts
+                else None
+            )
+            span: ClientSpan | None = None
+            if self.tracing is not None:
+                address = endpoint.address
+                span = self.tracing.start_client_span(
+                    method, upstream.name, address.host, address.port, attempt
+                )
             head = build_request_head(
                 method_bytes,
                 target,
@@ -186,9 +212,10 @@ class HttpProxy:
                 request_id=rid,
                 trusted=trusted,
                 body_framing=framing,
+                trace_headers=None if span is None else span.header_lines(),
             )
             try:
-                return await self._exchange(
+                outcome = await self._exchange(
                     scope,
                     receive,
                     send,
@@ -200,15 +227,27 @@ class HttpProxy:
                     more_body,
                     deadline,
                     request_id,
-                    retry_status=attempt + 1 < attempts and replayable and idempotent,
+                    retry_status=status_retry,
                     replay_ok=replayable and idempotent,
                 )
             except _Retry as retry:
+                if span is not None:
+                    span.finish(error=retry.error)
                 last_error = retry.error
+                granted = retry.delay
                 log.debug("retrying %s %s after %s", method, route.name, retry.error)
+                continue
+            except BaseException as exc:
+                if span is not None:
+                    span.finish(error=exc)
+                raise
+            if span is not None:
+                span.finish(outcome.upstream_status, outcome.status)
+            return outcome
         assert last_error is not None
         if isinstance(last_error, UpstreamStatus):
-            # Out of retries on a retryable status: no upstream answer was kept to relay.
+            # A retry was granted for this status, then no endpoint could take it: the
+            # upstream's answer was already dropped, so there is none to relay.
             last_error = UpstreamError(f"upstream answered {last_error.upstream_status}")
         log.info(
             "upstream request failed",
@@ -231,7 +270,7 @@ class HttpProxy:
         deadline: float | None,
         request_id: str,
         *,
-        retry_status: bool,
+        retry_status: Callable[[], float | None] | None,
         replay_ok: bool,
     ) -> Outcome:
         policy = upstream.policy
@@ -268,7 +307,7 @@ class HttpProxy:
                 request_id,
                 reused,
                 endpoint,
-                retry_status=retry_status and bool(policy.retry_statuses),
+                retry_status=retry_status,
                 retry_statuses=policy.retry_statuses,
                 replay_ok=replay_ok,
             )
@@ -310,7 +349,7 @@ class HttpProxy:
         reused: bool,
         endpoint: Endpoint,
         *,
-        retry_status: bool = False,
+        retry_status: Callable[[], float | None] | None = None,
         retry_statuses: frozenset[int] = frozenset(),
         replay_ok: bool = False,
     ) -> Outcome:
@@ -341,9 +380,13 @@ class HttpProxy:
             log.info("upstream failed", extra={"request_id": request_id, "reason": str(exc)})
             await send_error(send, exc.status, exc.public_message, request_id)
             return Outcome(exc.status, endpoint=endpoint)
-        if retry_status and status in retry_statuses:
-            conn.abort()
-            raise _Retry(UpstreamStatus(status))
+        if retry_status is not None and status in retry_statuses:
+            # Decide before dropping the answer: when no retry is allowed (budget spent,
+            # deadline too close) the client gets the upstream's own response.
+            delay = retry_status()
+            if delay is not None:
+                conn.abort()
+                raise _Retry(UpstreamStatus(status), delay)
 
         rid = request_id.encode()
         response_headers = filter_response_headers(upstream_headers, rid)
@@ -465,11 +508,31 @@ class HttpProxy:
 
 
 class _Retry(Exception):
-    """Internal: this attempt failed in a way that is safe to try again."""
+    """Internal: this attempt failed in a way that is safe to try again.
 
-    def __init__(self, error: UpstreamError) -> None:
+    ``delay`` is set when the retry was already granted (budget taken, backoff chosen).
+    """
+
+    def __init__(self, error: UpstreamError, delay: float | None = None) -> None:
         super().__init__(str(error))
         self.error = error
+        self.delay = delay
+
+
+def _retry_delay(budget: RetryBudget, retry: int, deadline: float | None) -> float | None:
+    """The backoff before retry number ``retry`` (0: the first), taken from the budget;
+    None when there is to be no retry.
+
+    Retries are spent from a budget (at most ~20% extra load) and spaced with jittered
+    backoff, so they cannot turn an outage into a storm; one that could not start before
+    the deadline does not spend the budget.
+    """
+    delay = backoff_delay(retry)
+    if deadline is not None and monotonic() + delay >= deadline:
+        return None
+    if not budget.try_acquire_retry():
+        return None
+    return delay
 
 
 def _remaining(deadline: float | None, cap: float | None) -> float | None:

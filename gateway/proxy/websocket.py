@@ -63,10 +63,12 @@ def upstream_headers(
     scheme: str,
     request_id: str,
     trusted: bool,
+    trace_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> list[tuple[str, str]]:
     """The client's headers as the upstream handshake carries them: the same forwarding
     rules as plain HTTP (one implementation: ``build_request_head``), minus the
-    handshake headers the client library writes itself."""
+    handshake headers the client library writes itself. ``trace_headers``: as for
+    ``build_request_head`` (tracing on)."""
     head = build_request_head(
         b"GET",
         b"/",
@@ -77,6 +79,7 @@ def upstream_headers(
         request_id=request_id.encode(),
         trusted=trusted,
         body_framing=None,
+        trace_headers=trace_headers,
     )
     pairs = []
     for line in head.split(b"\r\n")[1:]:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
 
 from gateway.farp.routes import FarpService, GeneratedRoute
+from gateway.graphql.routing import attach_graphql
 from gateway.proxy.websocket import WebSocketOptions
 from gateway.routing.table import AuthHints, Route, RoutingTable
 from gateway.routing.template import compile_template
@@ -36,6 +37,9 @@ FARP_HEALTH_DEFAULT = SimpleNamespace(
     healthy_threshold=2,
     unhealthy_threshold=3,
 )
+#: The gRPC upstream of a FARP service (``{service}:grpc``, h2c endpoints): an HTTP/1.1
+#: probe cannot talk to an HTTP/2-only gRPC server, so the check is a TCP connect.
+FARP_GRPC_HEALTH_DEFAULT = SimpleNamespace(**{**vars(FARP_HEALTH_DEFAULT), "type": "tcp"})
 
 _DOLLAR_GROUP = re.compile(r"\$(\d+)|\$\{(\w+)\}")
 
@@ -46,9 +50,17 @@ def build_table(
     version: int = 0,
     services: Sequence[FarpService] = (),
     conflicts: Sequence[dict[str, Any]] = (),
+    plain_services: Mapping[str, Sequence[tuple[str, int]]] | None = None,
 ) -> RoutingTable:
-    """Compile static ``upstreams``/``routes`` plus FARP services into a RoutingTable."""
+    """Compile static ``upstreams``/``routes`` plus FARP services into a RoutingTable.
+
+    ``plain_services`` are discovered services without FARP metadata (name → endpoint
+    URLs and weights): they generate no routes, but static routes may name them.
+    """
     upstreams = {name: build_upstream(settings, name, endpoints) for name in settings.upstreams}
+    for name, members in sorted((plain_services or {}).items()):
+        if name not in upstreams:
+            upstreams[name] = build_plain_upstream(settings, name, members, endpoints)
     routes = [build_route(index, route, upstreams) for index, route in enumerate(settings.routes)]
     order = len(routes)
     for service in services:
@@ -69,6 +81,9 @@ def build_table(
     endpoints.retain(
         {(name, e.url) for name, upstream in upstreams.items() for e in upstream.endpoints}
     )
+    endpoints.upstreams = dict(upstreams)
+    routes, graphql_conflicts = attach_graphql(settings, routes, services, upstreams)
+    conflicts = [*conflicts, *graphql_conflicts]
     return RoutingTable.build(routes, upstreams, conflicts=conflicts, version=version)
 
 
@@ -115,7 +130,36 @@ def build_farp_upstream(
         else ("weighted" if len({w for _, w in service.endpoints}) > 1 else "round-robin"),
         policy=_policy(defaults),
         hash_on=defaults.hash_on,
-        health_check=defaults.health_check or FARP_HEALTH_DEFAULT,
+        health_check=defaults.health_check
+        or (FARP_GRPC_HEALTH_DEFAULT if service.protocol == "grpc" else FARP_HEALTH_DEFAULT),
+        previous=registry.upstreams.get(service.upstream_name),
+    )
+
+
+def build_plain_upstream(
+    settings: Any, name: str, members: Sequence[tuple[str, int]], registry: EndpointRegistry
+) -> Upstream:
+    """A discovered service without FARP metadata: its instances, the routing defaults."""
+    defaults = settings.routing
+    endpoints = [
+        registry.endpoint_for(
+            name,
+            EndpointAddress.parse(url),
+            weight,
+            max_connections=defaults.max_connections or 512,
+            idle_timeout=defaults.idle_timeout or 60.0,
+            breaker=defaults.circuit_breaker,
+        )
+        for url, weight in members
+    ]
+    return Upstream(
+        name=name,
+        endpoints=endpoints,
+        load_balance=defaults.load_balance or "round-robin",
+        policy=_policy(defaults),
+        hash_on=defaults.hash_on,
+        health_check=defaults.health_check,
+        previous=registry.upstreams.get(name),
     )
 
 
@@ -161,6 +205,7 @@ def build_upstream(settings: Any, name: str, registry: EndpointRegistry) -> Upst
         policy=_policy(resolved),
         hash_on=resolved.hash_on,
         health_check=resolved.health_check,
+        previous=registry.upstreams.get(name),
     )
 
 

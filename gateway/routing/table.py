@@ -20,6 +20,7 @@ from gateway.proxy.websocket import WebSocketOptions
 from gateway.routing.template import PathTemplate, fill_template
 
 if TYPE_CHECKING:
+    from gateway.graphql.routing import GraphQLRoute
     from gateway.upstream.upstream import Upstream
 
 
@@ -63,6 +64,8 @@ class Route:
     websocket: WebSocketOptions = DEFAULT_WEBSOCKET
     #: FARP auth hints, set only when ``farp.trust_auth_hints`` is on.
     auth_hints: AuthHints | None = None
+    #: GraphQL routes: the policy (and, on the combined endpoint, the stitched schema).
+    graphql: GraphQLRoute | None = None
 
     @property
     def path(self) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import httpx
-import pytest
 
 from tests.resilience.helpers import breaker_gauge, config_for, endpoint_view, served_by
 from tests.support.controlled import ControlledUpstream, MakeControlled
@@ -135,12 +134,6 @@ def test_an_endpoint_failing_in_a_row_is_ejected_and_gets_no_traffic(
     assert sorted(set(order)) == ["b", "c"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="outlier state lives in the Upstream object, which every table build replaces "
-    "(Upstream.__init__ makes a new OutlierDetector and RetryBudget): any rebuild lifts "
-    "every ejection and resets every retry budget",
-)
 def test_an_ejection_survives_a_rebuild_of_the_routing_table(
     make_upstream: MakeControlled, make_gateway: MakeGateway
 ) -> None:
