@@ -40,7 +40,9 @@ _MISSING = object()
 class GatewayApp:
     """The data-plane ASGI application."""
 
-    def __init__(self, gateway: Gateway, *, serve_admin: bool = True) -> None:
+    def __init__(
+        self, gateway: Gateway, *, serve_admin: bool = True, keep_upstream_date: bool = False
+    ) -> None:
         self.gateway = gateway
         settings = gateway.settings
         #: None unless tracing is on; the request path checks only this.
@@ -49,6 +51,7 @@ class GatewayApp:
             max_body_size=settings.server.max_body_size,
             trusted_proxies=gateway.trusted_proxies,
             tracing=gateway.tracing,
+            keep_date=keep_upstream_date,
         )
         self.metrics = gateway.metrics
         self.graphql = GraphQLHandler(self.proxy, observe_upstream=self.metrics.observe_upstream)
@@ -437,22 +440,27 @@ def create_app(source: Any = None, *, serve_admin: bool = True) -> GatewayApp:
     return GatewayApp(Gateway(settings), serve_admin=serve_admin)
 
 
-_app: GatewayApp | None = None
+_apps: dict[str, GatewayApp] = {}
 
 
 def __getattr__(name: str) -> Any:
-    """``gateway.asgi.app`` is built lazily from ``OCTOPUS_CONFIG`` on first access."""
-    global _app
-    if name == "app":
-        if _app is None:
-            from gateway.observability.logging import configure_logging
-            from settings import load_settings
+    """``gateway.asgi.app`` is built lazily from ``OCTOPUS_CONFIG`` on first access.
 
-            settings = load_settings(os.environ.get("OCTOPUS_CONFIG") or None)
-            configure_logging(settings)
-            _app = GatewayApp(Gateway(settings), serve_admin=True)
-        return _app
-    raise AttributeError(name)
+    ``granian_app`` is the same for granian, which writes no ``Date`` header of its own,
+    so the upstream's passes through; uvicorn and hypercorn write theirs (``app``).
+    """
+    if name not in ("app", "granian_app"):
+        raise AttributeError(name)
+    if name not in _apps:
+        from gateway.observability.logging import configure_logging
+        from settings import load_settings
+
+        settings = load_settings(os.environ.get("OCTOPUS_CONFIG") or None)
+        configure_logging(settings)
+        _apps[name] = GatewayApp(
+            Gateway(settings), serve_admin=True, keep_upstream_date=name == "granian_app"
+        )
+    return _apps[name]
 
 
 async def _deny_websocket(

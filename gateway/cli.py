@@ -177,7 +177,7 @@ def _build_problem(settings: Any) -> str | None:
         _build_app(settings)
     except ConfigError as exc:
         return str(exc)
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, OSError) as exc:
         return f"cannot build the routing table: {exc}"
     return None
 

@@ -307,8 +307,8 @@ def _data_config(settings: Any, app: Any) -> uvicorn.Config:
         log_config=None,
         proxy_headers=False,
         server_header=False,
-        # The upstream's Date passes through; a second one from uvicorn would repeat it.
-        date_header=False,
+        # uvicorn writes the Date header; the gateway drops the upstream's.
+        date_header=True,
         timeout_graceful_shutdown=settings.server.graceful_timeout,
         backlog=BACKLOG,
         **options,
@@ -546,7 +546,7 @@ def serve_granian(settings: Any, *, workers: int) -> int:
             options.update(ssl_ca=Path(client_ca), ssl_client_verify=True)
 
     granian = Server(
-        "gateway.asgi:app",
+        "gateway.asgi:granian_app",
         address=host,
         port=port,
         interface=Interfaces.ASGI,

@@ -202,23 +202,26 @@ def _drop_named(parts: list[bytes], named: frozenset[bytes]) -> list[bytes]:
 
 
 def filter_response_headers(
-    headers: Sequence[tuple[bytes, bytes]], request_id: bytes
+    headers: Sequence[tuple[bytes, bytes]], request_id: bytes, *, keep_date: bool = True
 ) -> list[tuple[bytes, bytes]]:
-    """Upstream response headers minus hop-by-hop ones, plus ``Via`` and ``X-Request-ID``."""
+    """Upstream response headers minus hop-by-hop ones, plus ``Via`` and ``X-Request-ID``.
+
+    The gateway's request id is the one the client gets (an upstream's own is dropped),
+    so the id a client quotes is the one in the gateway's logs. ``keep_date=False`` drops
+    the upstream's ``Date`` for servers that write their own (uvicorn, hypercorn).
+    """
     out: list[tuple[bytes, bytes]] = []
     named: frozenset[bytes] | None = None
-    has_request_id = False
     for name, value in headers:
         if name in HOP_BY_HOP:
             if name == b"connection" and value.lower() not in _PLAIN_CONNECTION:
                 named = connection_tokens(headers)
             continue
-        if name == b"x-request-id":
-            has_request_id = True
+        if name == b"x-request-id" or (name == b"date" and not keep_date):
+            continue
         out.append((name, value))
     if named:
         out = [(n, v) for n, v in out if n not in named]
     out.append((b"via", VIA_VALUE))
-    if not has_request_id:
-        out.append((b"x-request-id", request_id))
+    out.append((b"x-request-id", request_id))
     return out

@@ -85,8 +85,11 @@ class HttpProxy:
         max_body_size: int,
         trusted_proxies: TrustedProxies,
         tracing: Tracing | None = None,
+        keep_date: bool = False,
     ) -> None:
         self.max_body_size = max_body_size
+        #: Pass the upstream's ``Date`` on: only for servers that write none (granian).
+        self.keep_date = keep_date
         self.trusted = trusted_proxies
         #: None when tracing is off: then the only cost is one check per attempt.
         self.tracing = tracing
@@ -389,7 +392,7 @@ class HttpProxy:
                 raise _Retry(UpstreamStatus(status), delay)
 
         rid = request_id.encode()
-        response_headers = filter_response_headers(upstream_headers, rid)
+        response_headers = filter_response_headers(upstream_headers, rid, keep_date=self.keep_date)
         if status in _BODILESS_STATUSES:
             # Never a body: a Content-Length here describes some other response (RFC 9110
             # §8.6), and the ASGI server would wait for that many bytes and fail.

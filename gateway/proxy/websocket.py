@@ -6,7 +6,8 @@ its ``websocket.accept`` (with the subprotocol the upstream chose); an upstream 
 is relayed to the client as the same HTTP response (the ASGI ``websocket.http.response``
 extension), or as a close when the server lacks it. Then frames are pumped both ways,
 each direction awaiting the other side's flow control, and close codes and reasons are
-relayed as they are.
+relayed as they are. ``max_message_size`` applies to messages in both directions, and
+the idle timeout to traffic in either direction.
 """
 
 from __future__ import annotations
@@ -45,6 +46,16 @@ _HANDSHAKE = frozenset(
 #: Close codes that may not be sent in a close frame (RFC 6455 §7.4.1) and what to send.
 _RESERVED_CLOSE = {1005: 1000, 1006: 1011, 1015: 1011}
 GOING_AWAY = 1001
+MESSAGE_TOO_BIG = 1009
+#: Upstream frames received but not yet relayed before the gateway stops reading from the
+#: upstream (``websockets``' ``max_queue``, 16 by default): with a slow client the
+#: upstream is held back by TCP flow control instead of filling the gateway's memory with
+#: up to 16 messages of ``max_message_size``.
+_UPSTREAM_QUEUE = 2
+
+
+class _IdleTimeout(Exception):
+    """No message in either direction for the route's ``idle_timeout``."""
 
 
 @dataclass(frozen=True)
@@ -102,8 +113,12 @@ class WebSocketSession:
 
     def __init__(self) -> None:
         self.upstream: ClientConnection | None = None
+        #: Set once the client's handshake is accepted (a close before that is a refusal).
         self._send: Send | None = None
+        #: Set once either side's close has been dealt with: nothing more is relayed.
         self._closed = False
+        #: Event-loop time of the last message relayed either way (the idle timeout).
+        self._last_activity = 0.0
 
     async def run(
         self,
@@ -116,7 +131,6 @@ class WebSocketSession:
         options: WebSocketOptions,
     ) -> int:
         """Proxy until either side closes; returns the HTTP-ish status for metrics."""
-        self._send = send
         first = await receive()
         if first["type"] != "websocket.connect":
             return 499
@@ -128,6 +142,7 @@ class WebSocketSession:
                 additional_headers=headers,
                 subprotocols=subprotocols or None,  # type: ignore[arg-type]
                 max_size=options.max_message_size,
+                max_queue=_UPSTREAM_QUEUE,
                 open_timeout=options.open_timeout,
                 ssl=context,
                 proxy=None,
@@ -143,8 +158,15 @@ class WebSocketSession:
             await self._refuse(scope, send, 502, None, b"")
             return 502
         self.upstream = upstream
+        if self._closed:  # the gateway began draining during the upstream handshake
+            with contextlib.suppress(Exception):
+                await upstream.close(GOING_AWAY, "gateway shutting down")
+            await self._refuse(scope, send, 503, None, b"")
+            return 503
         await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
-        to_upstream = asyncio.ensure_future(self._client_to_upstream(receive, upstream))
+        self._send = send
+        self._last_activity = asyncio.get_running_loop().time()
+        to_upstream = asyncio.ensure_future(self._client_to_upstream(receive, upstream, options))
         to_client = asyncio.ensure_future(self._upstream_to_client(send, upstream, options))
         try:
             await asyncio.wait({to_upstream, to_client}, return_when=asyncio.FIRST_COMPLETED)
@@ -158,62 +180,91 @@ class WebSocketSession:
 
     async def close_for_drain(self) -> None:
         """Close both sides with 1001 (going away): the gateway is shutting down."""
+        await self._end(GOING_AWAY, "gateway shutting down")
+
+    async def _end(self, code: int, reason: str) -> None:
+        """End the session from the gateway's side with ``code`` to both peers: the client
+        first, so that an upstream slow to answer its close cannot delay the client's."""
         if self._closed:
             return
         self._closed = True
-        if self.upstream is not None:
-            with contextlib.suppress(Exception):
-                await self.upstream.close(GOING_AWAY, "gateway shutting down")
         if self._send is not None:
             with contextlib.suppress(Exception):
-                await self._send(
-                    {
-                        "type": "websocket.close",
-                        "code": GOING_AWAY,
-                        "reason": "gateway shutting down",
-                    }
-                )
+                await self._send({"type": "websocket.close", "code": code, "reason": reason})
+        if self.upstream is not None:
+            with contextlib.suppress(Exception):
+                await self.upstream.close(code, reason)
 
-    async def _client_to_upstream(self, receive: Receive, upstream: ClientConnection) -> None:
+    async def _client_to_upstream(
+        self, receive: Receive, upstream: ClientConnection, options: WebSocketOptions
+    ) -> None:
+        limit = options.max_message_size
+        loop = asyncio.get_running_loop()
         while True:
             message = await receive()
             kind = message["type"]
             if kind == "websocket.receive":
                 data = message.get("bytes")
+                payload = data if data is not None else message.get("text") or ""
+                if _too_big(payload, limit):
+                    await self._end(MESSAGE_TOO_BIG, f"message over {limit} bytes")
+                    return
+                self._last_activity = loop.time()
                 try:
-                    await upstream.send(data if data is not None else message.get("text", ""))
+                    await upstream.send(payload)
                 except ConnectionClosed:
                     return
             elif kind == "websocket.disconnect":
-                code = _sendable(message.get("code", 1000))
-                with contextlib.suppress(Exception):
-                    await upstream.close(code, message.get("reason") or "")
-                self._closed = True
+                if not self._closed:
+                    self._closed = True
+                    code = _sendable(message.get("code", 1000))
+                    with contextlib.suppress(Exception):
+                        await upstream.close(code, message.get("reason") or "")
                 return
 
     async def _upstream_to_client(
         self, send: Send, upstream: ClientConnection, options: WebSocketOptions
     ) -> None:
+        idle = options.idle_timeout
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                if options.idle_timeout is not None:
-                    async with asyncio.timeout(options.idle_timeout):
-                        data = await upstream.recv()
-                else:
+                if idle is None:
                     data = await upstream.recv()
+                else:
+                    data = await self._recv_before_idle(upstream, idle)
+                self._last_activity = loop.time()
                 if isinstance(data, str):
                     await send({"type": "websocket.send", "text": data})
                 else:
                     await send({"type": "websocket.send", "bytes": data})
-        except TimeoutError:
-            await upstream.close(GOING_AWAY, "idle timeout")
-            await self._close_client(send, GOING_AWAY, "idle timeout")
+        except _IdleTimeout:
+            await self._end(GOING_AWAY, "idle timeout")
             return
-        except ConnectionClosed:
-            pass
-        # close_code is 1006 when the upstream vanished without a close frame.
-        code = upstream.close_code or 1006
-        await self._close_client(send, _sendable(code), upstream.close_reason or "")
+        except ConnectionClosed as exc:
+            if exc.sent is not None and not exc.rcvd_then_sent:
+                # The gateway's side closed first: a message over ``max_message_size``
+                # (1009), a protocol error... The client hears that code and reason.
+                code, reason = exc.sent.code, exc.sent.reason
+            elif exc.rcvd is not None:
+                code, reason = exc.rcvd.code, exc.rcvd.reason
+            else:  # the upstream vanished without a close frame
+                code, reason = 1006, ""
+            await self._close_client(send, _sendable(code), reason)
+
+    async def _recv_before_idle(self, upstream: ClientConnection, idle: float) -> str | bytes:
+        """The next upstream message, or ``_IdleTimeout`` once neither side has sent one
+        for ``idle`` seconds (a client message meanwhile restarts the wait)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            remaining = self._last_activity + idle - loop.time()
+            if remaining <= 0:
+                raise _IdleTimeout
+            try:
+                async with asyncio.timeout(remaining):
+                    return await upstream.recv()  # cancelling recv() loses nothing
+            except TimeoutError:
+                continue
 
     async def _close_client(self, send: Send, code: int, reason: str) -> None:
         if self._closed:
@@ -243,3 +294,11 @@ class WebSocketSession:
 
 def _sendable(code: int) -> int:
     return _RESERVED_CLOSE.get(code, code)
+
+
+def _too_big(payload: str | bytes, limit: int) -> bool:
+    """Whether a message is over ``limit`` bytes (text counts as UTF-8)."""
+    if isinstance(payload, bytes):
+        return len(payload) > limit
+    # Each character is 1 to 4 bytes: encode only when the length alone cannot tell.
+    return len(payload) > limit or (len(payload) * 4 > limit and len(payload.encode()) > limit)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import ssl
 from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -22,6 +23,7 @@ from gateway.routing.table import AuthHints, Route, RoutingTable
 from gateway.routing.template import compile_template
 from gateway.upstream.registry import EndpointRegistry
 from gateway.upstream.upstream import EndpointAddress, Upstream, UpstreamPolicy
+from settings import ConfigError
 
 log = logging.getLogger("octopus.routing")
 
@@ -183,6 +185,16 @@ def build_farp_route(
 
 
 def build_upstream(settings: Any, name: str, registry: EndpointRegistry) -> Upstream:
+    try:
+        return _build_upstream(settings, name, registry)
+    except (OSError, ssl.SSLError) as exc:
+        # A CA bundle that is missing or unreadable is a configuration error: say which key.
+        ca = settings.upstream_config(name).tls
+        where = f"upstreams.{name}.tls.ca" if ca is not None and ca.ca else f"upstreams.{name}"
+        raise ConfigError(f"{where}: cannot load TLS settings: {exc}") from None
+
+
+def _build_upstream(settings: Any, name: str, registry: EndpointRegistry) -> Upstream:
     resolved = settings.upstream_config(name)
     tls = resolved.tls
     endpoints = [

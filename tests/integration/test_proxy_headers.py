@@ -217,15 +217,6 @@ def test_a_request_without_a_body_gets_no_framing_headers(
     assert sent(upstream, "transfer-encoding") == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Date is a singleton field (RFC 9110 §6.6.1), but under plain `uvicorn gateway.asgi:app` "
-        "(date_header on by default) the client gets the upstream's Date and uvicorn's own. "
-        "`octopus run` turns uvicorn's off (gateway/server.py date_header=False); the "
-        "documented uvicorn entry point needs `--no-date-header` or the gateway must choose"
-    ),
-)
 def test_the_client_gets_a_single_date_header(gw: GatewayServer, upstream: UpstreamApp) -> None:
     response = exchange(gw.port, request_bytes("GET", "/plain"))
     assert len(response.header_all("date")) == 1
