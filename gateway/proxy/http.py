@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -483,6 +484,8 @@ class HttpProxy:
             if name == b"host":
                 if seen_host:
                     raise BadRequest(400, "more than one Host header")
+                if not _HOST.fullmatch(value):
+                    raise BadRequest(400, "invalid Host header")
                 seen_host = True
             elif name == b"content-length":
                 text = value.strip()
@@ -496,6 +499,8 @@ class HttpProxy:
                 if transfer_encoding is not None:
                     raise BadRequest(400, "repeated Transfer-Encoding header")
                 transfer_encoding = value
+        if not seen_host and scope.get("http_version") == "1.1":
+            raise BadRequest(400, "an HTTP/1.1 request needs a Host header")
         if transfer_encoding is not None:
             if content_length is not None:
                 raise BadRequest(400, "both Content-Length and Transfer-Encoding are present")
@@ -508,6 +513,11 @@ class HttpProxy:
             # HTTP/2 requests may carry a body without a length.
             return None, scope["method"] in ("POST", "PUT", "PATCH")
         return content_length, False
+
+
+#: RFC 9112 §3.2 / RFC 3986 §3.2.2: a reg-name or IPv4 (letters, digits, ``-._~``, sub-
+#: delims, %-escapes) or a bracketed IPv6 literal, then an optional port.
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 
 
 class _Retry(Exception):

@@ -56,6 +56,9 @@ MALFORMED = {
     "control-character-in-header": post(b"X-A: b\x00c"),
     "bare-cr-in-header": post(b"X-A: b\rX-B: c"),
     "two-host-headers": post(b"Host: internal.example"),
+    "host-with-a-slash": b"GET /echo HTTP/1.1\r\nHost: a/b\r\n\r\n",
+    "host-with-userinfo": b"GET /echo HTTP/1.1\r\nHost: user@evil\r\n\r\n",
+    "no-host-in-http-1.1": b"GET /echo HTTP/1.1\r\n\r\n",
 }
 
 
@@ -116,3 +119,4 @@ def test_a_well_formed_request_on_the_same_gateway_still_works(
     response = exchange(gw.port, post(b"Content-Length: 5", body=b"hello"))
     assert response.status == 200
     assert upstream.requests[-1]["body_size"] == 5
+
