@@ -119,4 +119,3 @@ def test_a_well_formed_request_on_the_same_gateway_still_works(
     response = exchange(gw.port, post(b"Content-Length: 5", body=b"hello"))
     assert response.status == 200
     assert upstream.requests[-1]["body_size"] == 5
-
