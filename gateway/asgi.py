@@ -187,7 +187,7 @@ class GatewayApp:
             endpoint.in_flight += 1
             try:
                 status = await session.run(
-                    scope, receive, send, endpoint, target, forwarded, route.websocket
+                    scope, receive, send, endpoint, target, forwarded, route.websocket, request_id
                 )
             finally:
                 endpoint.in_flight -= 1

@@ -58,6 +58,7 @@ class Gateway:
         self.ready = False
         self._draining = False
         self.websockets: set[WebSocketSession] = set()
+        self._background: set[asyncio.Task[Any]] = set()
         self.started_at = time.time()
         self.farp: FarpWatcher | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -76,7 +77,11 @@ class Gateway:
         self._draining = value
         if value and self.websockets:
             with contextlib.suppress(RuntimeError):  # no running loop: nothing to close
-                asyncio.get_running_loop().create_task(self._close_websockets())
+                task = asyncio.get_running_loop().create_task(self._close_websockets())
+                # Keep a reference: the loop holds tasks weakly, so an unreferenced one
+                # could be collected before it ran.
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
 
     async def _close_websockets(self) -> None:
         sessions = list(self.websockets)

@@ -22,6 +22,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from gateway.errors import error_body
 from gateway.proxy.headers import build_request_head
 from gateway.types import Receive, Scope, Send
 from gateway.upstream.upstream import Endpoint
@@ -129,6 +130,7 @@ class WebSocketSession:
         target: str,
         headers: list[tuple[str, str]],
         options: WebSocketOptions,
+        request_id: str = "",
     ) -> int:
         """Proxy until either side closes; returns the HTTP-ish status for metrics."""
         first = await receive()
@@ -155,7 +157,8 @@ class WebSocketSession:
             return response.status_code
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             log.info("websocket upstream unreachable", extra={"reason": str(exc)})
-            await self._refuse(scope, send, 502, None, b"")
+            body = error_body(502, "could not open the upstream WebSocket", request_id)
+            await self._refuse(scope, send, 502, _JSON_HEADERS, body)
             return 502
         self.upstream = upstream
         if self._closed:  # the gateway began draining during the upstream handshake
@@ -281,7 +284,8 @@ class WebSocketSession:
         if "websocket.http.response" in (scope.get("extensions") or {}):
             out: list[tuple[bytes, bytes]] = []
             if headers is not None:
-                for name, value in headers.raw_items():
+                items = headers.raw_items() if hasattr(headers, "raw_items") else headers
+                for name, value in items:
                     lowered = name.lower()
                     if lowered in ("connection", "upgrade", "transfer-encoding", "content-length"):
                         continue
@@ -290,6 +294,9 @@ class WebSocketSession:
             await send({"type": "websocket.http.response.body", "body": body or b""})
             return
         await send({"type": "websocket.close", "code": 1008 if status < 500 else 1011})
+
+
+_JSON_HEADERS = [("content-type", "application/json")]
 
 
 def _sendable(code: int) -> int:
