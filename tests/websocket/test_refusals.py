@@ -43,7 +43,9 @@ async def test_an_upstream_refusal_reaches_the_client_as_the_same_http_response(
 
 async def test_an_unreachable_upstream_is_a_502(make_gateway: MakeGateway) -> None:
     gw = make_gateway(upstream_url=f"http://127.0.0.1:{free_port()}")
-    assert (await refused(ws_url(gw.url))).response.status_code == 502
+    response = (await refused(ws_url(gw.url))).response
+    assert response.status_code == 502
+    assert json.loads(response.body)["error"] == "bad_gateway"
 
 
 async def test_an_upgrade_without_a_route_is_a_404_with_the_json_error(
