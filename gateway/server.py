@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -414,6 +415,11 @@ async def _serve_listeners(
                     await server.shutdown(sockets=sockets)
             return EXIT_FAILURE
 
+    # Everything imported and built so far lives as long as the process: keep it out of
+    # the garbage collector's full passes, which otherwise stall the loop for tens of
+    # milliseconds at a time under load (seen as a p99 of ~50 ms in make bench).
+    gc.collect()
+    gc.freeze()
     data_ticks = asyncio.create_task(data.main_loop(), name="octopus-data-ticks")
     admin_ticks = (
         asyncio.create_task(admin.main_loop(), name="octopus-admin-ticks") if admin else None

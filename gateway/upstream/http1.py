@@ -329,7 +329,12 @@ class H1Connection(asyncio.Protocol):
 
     def _arm(self, timeout: float | None, message: str) -> None:
         if timeout is not None:
-            self._timer = self._loop.call_later(timeout, self._fail, UpstreamTimeout(message))
+            # The exception is built only if the timer fires: creating one per request
+            # cost ~5% of a proxied request.
+            self._timer = self._loop.call_later(timeout, self._timed_out, message)
+
+    def _timed_out(self, message: str) -> None:
+        self._fail(UpstreamTimeout(message))
 
     def _disarm(self) -> None:
         if self._timer is not None:

@@ -497,7 +497,11 @@ class H2Stream:
 
     def _arm(self, timeout: float | None, message: str) -> None:
         if timeout is not None:
-            self._timer = self._conn.loop.call_later(timeout, self._fail, UpstreamTimeout(message))
+            # Build the exception only if the timer fires (per-request cost otherwise).
+            self._timer = self._conn.loop.call_later(timeout, self._timed_out, message)
+
+    def _timed_out(self, message: str) -> None:
+        self._fail(UpstreamTimeout(message))
 
     def _disarm(self) -> None:
         if self._timer is not None:
