@@ -102,25 +102,12 @@ def bind_socket(host: str, port: int, *, backlog: int = BACKLOG) -> socket.socke
     Raises:
         ListenError: the address does not resolve or cannot be bound.
     """
-    host = host or "0.0.0.0"
+    sock = _bound_socket(host, port, reuse_port=False)
     try:
-        infos = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
-        )
-    except socket.gaierror as exc:
-        raise ListenError(f"cannot listen on {_show(host, port)}: {exc.strerror}") from None
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
-        sock.bind(address)
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
         raise ListenError(f"cannot listen on {_show(host, port)}: {exc.strerror or exc}") from None
-    sock.set_inheritable(True)
     return sock
 
 
@@ -136,6 +123,11 @@ def reserve_port(host: str, port: int) -> socket.socket:
     Raises:
         ListenError: the address does not resolve or cannot be bound.
     """
+    return _bound_socket(host, port, reuse_port=True)
+
+
+def _bound_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (resolved for a passive open), inheritable."""
     host = host or "0.0.0.0"
     try:
         infos = socket.getaddrinfo(
@@ -147,7 +139,8 @@ def reserve_port(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6 and hasattr(socket, "IPV6_V6ONLY"):
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
         sock.bind(address)

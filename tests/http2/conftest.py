@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.http2.servers import H2App, HypercornServer, make_certificates
-from tests.support.gateway import GatewayServer, MakeGateway
 
 
 @pytest.fixture(scope="session")
@@ -49,18 +47,3 @@ def h2tls(h2_server: HypercornServer) -> HypercornServer:
     """The module's TLS (h2) upstream with its record cleared."""
     h2_server.app.reset()
     return h2_server
-
-
-@pytest.fixture
-def make_gateway() -> Iterator[MakeGateway]:
-    """Start a gateway for one test from a config dict; stopped at teardown."""
-    started: list[GatewayServer] = []
-
-    def make(config: dict[str, Any], **options: Any) -> GatewayServer:
-        server = GatewayServer(config, **options).start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        server.stop()

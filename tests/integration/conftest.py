@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from tests.support.gateway import GatewayServer, MakeGateway
 from tests.support.upstream import MakeUpstream, UpstreamApp, UpstreamServer
 
 
@@ -27,21 +26,6 @@ def upstream(upstream_server: UpstreamServer) -> UpstreamApp:
     """The module's upstream app, with its records cleared for this test."""
     upstream_server.app.reset()
     return upstream_server.app
-
-
-@pytest.fixture
-def make_gateway() -> Iterator[MakeGateway]:
-    """Start a gateway for one test from a config dict; stopped at teardown."""
-    started: list[GatewayServer] = []
-
-    def make(config: dict[str, Any], **options: Any) -> GatewayServer:
-        server = GatewayServer(config, **options).start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        server.stop()
 
 
 @pytest.fixture

@@ -32,20 +32,6 @@ def serve() -> Iterator[Serve]:
         server.stop()
 
 
-@pytest.fixture
-def make_gateway() -> Iterator[MakeGateway]:
-    started: list[GatewayServer] = []
-
-    def start(config: dict[str, Any]) -> GatewayServer:
-        server = GatewayServer(config).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
-
-
 @pytest.fixture(scope="module")
 def sse_server() -> Iterator[tuple[SseApp, ThreadedServer]]:
     app = SseApp()

@@ -16,7 +16,6 @@ import pytest
 
 from tests.e2e.helpers import GatewayProcess, start_gateway
 from tests.support.controlled import ControlledUpstream, MakeControlled
-from tests.support.gateway import GatewayServer, MakeGateway
 
 
 @pytest.fixture
@@ -33,21 +32,6 @@ def make_upstream() -> Iterator[MakeControlled]:
     # In parallel: each uvicorn takes a main-loop tick (~0.1 s) or more to stop.
     with ThreadPoolExecutor(max(len(started), 1)) as pool:
         list(pool.map(ControlledUpstream.stop, started))
-
-
-@pytest.fixture
-def make_gateway() -> Iterator[MakeGateway]:
-    """Start an in-process gateway (admin under ``/_/``) from a config dict."""
-    started: list[GatewayServer] = []
-
-    def make(config: dict[str, Any], **options: Any) -> GatewayServer:
-        server = GatewayServer(config, **options).start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        server.stop()
 
 
 @pytest.fixture
