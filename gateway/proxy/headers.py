@@ -100,6 +100,7 @@ def build_request_head(
     trusted: bool,
     body_framing: bytes | None,
     trace_headers: Sequence[tuple[bytes, bytes]] | None = None,
+    te_trailers: bool = False,
 ) -> bytes:
     """The bytes of the upstream request line and headers.
 
@@ -175,6 +176,8 @@ def build_request_head(
             append(b": ")
             append(value)
             append(b"\r\n")
+    if te_trailers:  # the gateway can relay trailers, so it asks for them
+        append(b"te: trailers\r\n")
     if body_framing is not None:
         append(body_framing)
         append(b"\r\n")

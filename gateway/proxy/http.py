@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from time import monotonic
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway.errors import send_error
 from gateway.proxy.headers import TrustedProxies, build_request_head, filter_response_headers
@@ -174,6 +174,11 @@ class HttpProxy:
         budget = upstream.budget
         budget.record_request()
         key = upstream.balancer.key_for(client_ip, headers) if upstream.uses_key else None
+        # Trailers reach the client only from an HTTP/2 upstream, through an ASGI server
+        # that can send them, to a client that asked for them (``TE: trailers``).
+        relay_trailers = "http.response.trailers" in (scope.get("extensions") or {}) and any(
+            name == b"te" and b"trailers" in value.lower() for name, value in headers
+        )
         tried: list[Endpoint] = []
         attempts = 1 + max(retries, 0)
         last_error: UpstreamError | None = None
@@ -217,6 +222,7 @@ class HttpProxy:
                 trusted=trusted,
                 body_framing=framing,
                 trace_headers=None if span is None else span.header_lines(),
+                te_trailers=relay_trailers and endpoint.address.scheme in _H2_SCHEMES,
             )
             try:
                 outcome = await self._exchange(
@@ -233,6 +239,7 @@ class HttpProxy:
                     request_id,
                     retry_status=status_retry,
                     replay_ok=replayable and idempotent,
+                    relay_trailers=relay_trailers,
                 )
             except _Retry as retry:
                 if span is not None:
@@ -276,6 +283,7 @@ class HttpProxy:
         *,
         retry_status: Callable[[], float | None] | None,
         replay_ok: bool,
+        relay_trailers: bool = False,
     ) -> Outcome:
         policy = upstream.policy
         method = scope["method"]
@@ -314,6 +322,7 @@ class HttpProxy:
                 retry_status=retry_status,
                 retry_statuses=policy.retry_statuses,
                 replay_ok=replay_ok,
+                relay_trailers=relay_trailers,
             )
             if outcome.upstream_status is not None:
                 verdict = outcome.upstream_status < 500
@@ -356,6 +365,7 @@ class HttpProxy:
         retry_status: Callable[[], float | None] | None = None,
         retry_statuses: frozenset[int] = frozenset(),
         replay_ok: bool = False,
+        relay_trailers: bool = False,
     ) -> Outcome:
         head_only = method == "HEAD"
         if streaming:
@@ -398,15 +408,18 @@ class HttpProxy:
             # Never a body: a Content-Length here describes some other response (RFC 9110
             # §8.6), and the ASGI server would wait for that many bytes and fail.
             response_headers = [h for h in response_headers if h[0] != b"content-length"]
+        start = {"type": "http.response.start", "status": status, "headers": response_headers}
+        if relay_trailers:
+            start["trailers"] = True
         if conn.complete or head_only:
             data, _ = await conn.read_body(read_timeout) if not head_only else (b"", False)
-            await send(
-                {"type": "http.response.start", "status": status, "headers": response_headers}
-            )
+            await send(start)
             await send({"type": "http.response.body", "body": data, "more_body": False})
+            if relay_trailers:
+                await _send_trailers(send, conn)
             return Outcome(status, status, endpoint)
 
-        await send({"type": "http.response.start", "status": status, "headers": response_headers})
+        await send(start)
         watcher = asyncio.ensure_future(_watch_disconnect(receive, conn))
         try:
             more = True
@@ -419,6 +432,8 @@ class HttpProxy:
                     raise ResponseAborted(f"upstream failed mid-response: {exc}") from None
                 if data or not more:
                     await send({"type": "http.response.body", "body": data, "more_body": more})
+            if relay_trailers:
+                await _send_trailers(send, conn)
             return Outcome(status, status, endpoint)
         finally:
             watcher.cancel()
@@ -590,6 +605,15 @@ def _pick(upstream: Upstream, tried: list[Endpoint], key: str | None) -> Endpoin
             return endpoint
         skipped.append(endpoint)
     raise NoEndpoint(f"upstream {upstream.name!r} has no available endpoint")
+
+
+_H2_SCHEMES = frozenset({"h2c", "h2"})
+
+
+async def _send_trailers(send: Send, conn: Any) -> None:
+    """The upstream's trailers (an HTTP/2 stream keeps them), as ASGI trailers."""
+    trailers = getattr(conn, "trailers", None) or []
+    await send({"type": "http.response.trailers", "headers": trailers, "more_trailers": False})
 
 
 def _release_probe(endpoint: Endpoint) -> None:

@@ -31,8 +31,9 @@ The ``h2`` library moves its state machine to CLOSED on any GOAWAY and drops pen
 output (python-hyper/h2#1181), which would kill the streams the server promised to
 finish, so GOAWAY frames are taken out of the byte stream before ``h2`` sees them.
 
-Trailers are kept on the stream (``H2Stream.trailers``); the proxy does not relay them
-to the client yet.
+Trailers are kept on the stream (``H2Stream.trailers``); the proxy relays them as ASGI
+``http.response.trailers`` when the client sent ``TE: trailers`` and the server has that
+extension (uvicorn's HTTP/1.1 does not; HTTP/2 servers such as hypercorn do).
 """
 
 from __future__ import annotations

@@ -302,7 +302,7 @@ def test_idle_connections_are_closed_after_the_idle_timeout(
 
 
 def test_trailers_are_kept_on_the_stream(h2c: HypercornServer) -> None:
-    """The proxy does not relay trailers yet; the stream keeps them for when it does."""
+    """The stream keeps the trailers the upstream sent after the body."""
 
     async def fetch() -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         pool = H2Pool("127.0.0.1", h2c.port)
@@ -329,3 +329,74 @@ def test_gateway_pool_for_an_h2c_endpoint_is_an_h2_pool(
 ) -> None:
     gw: GatewayServer = make_gateway(h2_config(h2c.url))
     assert isinstance(gw.pool("up"), H2Pool)
+
+
+async def _call(app: Any, scope: dict[str, Any]) -> list[dict[str, Any]]:
+    """Drive the gateway ASGI app directly and collect what it sends."""
+    sent: list[dict[str, Any]] = []
+    delivered = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()  # the client stays connected
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+def _scope(port: int, *, extensions: dict[str, Any], te: bool) -> dict[str, Any]:
+    headers = [(b"host", f"127.0.0.1:{port}".encode())]
+    if te:
+        headers.append((b"te", b"trailers"))
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "2",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/trailers",
+        "raw_path": b"/trailers",
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", port),
+        "extensions": extensions,
+    }
+
+
+def test_trailers_reach_a_client_that_asked_through_a_server_that_can_send_them(
+    h2c: HypercornServer,
+) -> None:
+    from gateway.asgi import create_app
+
+    async def run() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        app = create_app({**h2_config(f"h2c://127.0.0.1:{h2c.port}"), "farp": {"enabled": False}})
+        try:
+            relayed = await _call(
+                app, _scope(h2c.port, extensions={"http.response.trailers": {}}, te=True)
+            )
+            plain = await _call(app, _scope(h2c.port, extensions={}, te=True))
+        finally:
+            await app.gateway.shutdown()
+        return relayed, plain
+
+    relayed, plain = asyncio.run(run())
+    assert relayed[0]["type"] == "http.response.start" and relayed[0]["trailers"] is True
+    body = b"".join(m.get("body", b"") for m in relayed if m["type"] == "http.response.body")
+    assert body == b"body before trailers"
+    assert relayed[-1] == {
+        "type": "http.response.trailers",
+        "headers": [(b"x-checksum", b"abc123")],
+        "more_trailers": False,
+    }
+    # Without the server extension nothing changes: no trailers promised, none sent.
+    assert "trailers" not in plain[0]
+    assert all(m["type"] != "http.response.trailers" for m in plain)
