@@ -12,6 +12,8 @@ command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)  # h2c load in tests
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+# Go's encoding/json is the reference the FARP checksum tests compare canonical JSON with.
+command -v go >/dev/null 2>&1 || [ -x /usr/lib/go/bin/go ] || need+=(golang-go)
 # The dashboard's browser tests (tests/dashboard) drive Debian's Chromium through Playwright.
 [ -x /usr/bin/chromium ] || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
