@@ -99,42 +99,68 @@ def _policy(resolved: Any) -> UpstreamPolicy:
     )
 
 
+def _assemble(
+    name: str,
+    tuning: Any,
+    members: Sequence[tuple[str, int]],
+    registry: EndpointRegistry,
+    *,
+    tls: Any = None,
+    health_paths: dict[str, str] | None = None,
+    load_balance: str | None = None,
+    health_check: Any = None,
+) -> Upstream:
+    """One Upstream from endpoint URLs and weights and a tuning source (a resolved upstream
+    or the ``routing:`` defaults): the piece every kind of upstream is built with."""
+    endpoints = [
+        registry.endpoint_for(
+            name,
+            EndpointAddress.parse(url),
+            weight,
+            verify=tls.verify if tls is not None else True,
+            ca=tls.ca if tls is not None else None,
+            max_connections=tuning.max_connections or 512,
+            idle_timeout=tuning.idle_timeout or 60.0,
+            breaker=tuning.circuit_breaker,
+            health_path=(health_paths or {}).get(url),
+        )
+        for url, weight in members
+    ]
+    return Upstream(
+        name=name,
+        endpoints=endpoints,
+        load_balance=load_balance or tuning.load_balance or "round-robin",
+        policy=_policy(tuning),
+        hash_on=tuning.hash_on,
+        health_check=health_check or tuning.health_check,
+        previous=registry.upstreams.get(name),
+    )
+
+
 def build_farp_upstream(
     settings: Any, service: FarpService, registry: EndpointRegistry
 ) -> Upstream:
     """An upstream whose endpoints are the service's serving instances, tuned by the
     ``routing:`` defaults, health-checked at each instance's ``endpoints.health``."""
     defaults = settings.routing
-    health_paths = {
-        f"http://{m.instance.address}": m.health_path
-        for m in service.manifests
-        if m.instance is not None and m.instance.address
-    }
-    endpoints = []
-    for url, weight in service.endpoints:
-        address = EndpointAddress.parse(url)
-        endpoints.append(
-            registry.endpoint_for(
-                service.upstream_name,
-                address,
-                weight,
-                max_connections=defaults.max_connections or 512,
-                idle_timeout=defaults.idle_timeout or 60.0,
-                breaker=defaults.circuit_breaker,
-                health_path=health_paths.get(url),
-            )
-        )
-    return Upstream(
-        name=service.upstream_name,
-        endpoints=endpoints,
+    weighted = len({weight for _, weight in service.endpoints}) > 1
+    return _assemble(
+        service.upstream_name,
+        defaults,
+        service.endpoints,
+        registry,
+        health_paths={
+            f"http://{m.instance.address}": m.health_path
+            for m in service.manifests
+            if m.instance is not None and m.instance.address
+        },
+        # Instance weights that differ ask for weighted balancing unless routing: says
+        # which balancer to use.
         load_balance=defaults.load_balance
         if defaults.load_balance not in (None, "round-robin")
-        else ("weighted" if len({w for _, w in service.endpoints}) > 1 else "round-robin"),
-        policy=_policy(defaults),
-        hash_on=defaults.hash_on,
+        else ("weighted" if weighted else "round-robin"),
         health_check=defaults.health_check
         or (FARP_GRPC_HEALTH_DEFAULT if service.protocol == "grpc" else FARP_HEALTH_DEFAULT),
-        previous=registry.upstreams.get(service.upstream_name),
     )
 
 
@@ -142,27 +168,7 @@ def build_plain_upstream(
     settings: Any, name: str, members: Sequence[tuple[str, int]], registry: EndpointRegistry
 ) -> Upstream:
     """A discovered service without FARP metadata: its instances, the routing defaults."""
-    defaults = settings.routing
-    endpoints = [
-        registry.endpoint_for(
-            name,
-            EndpointAddress.parse(url),
-            weight,
-            max_connections=defaults.max_connections or 512,
-            idle_timeout=defaults.idle_timeout or 60.0,
-            breaker=defaults.circuit_breaker,
-        )
-        for url, weight in members
-    ]
-    return Upstream(
-        name=name,
-        endpoints=endpoints,
-        load_balance=defaults.load_balance or "round-robin",
-        policy=_policy(defaults),
-        hash_on=defaults.hash_on,
-        health_check=defaults.health_check,
-        previous=registry.upstreams.get(name),
-    )
+    return _assemble(name, settings.routing, members, registry)
 
 
 def build_farp_route(
@@ -196,29 +202,8 @@ def build_upstream(settings: Any, name: str, registry: EndpointRegistry) -> Upst
 
 def _build_upstream(settings: Any, name: str, registry: EndpointRegistry) -> Upstream:
     resolved = settings.upstream_config(name)
-    tls = resolved.tls
-    endpoints = [
-        registry.endpoint_for(
-            name,
-            EndpointAddress.parse(endpoint.url),
-            endpoint.weight,
-            verify=tls.verify if tls is not None else True,
-            ca=tls.ca if tls is not None else None,
-            max_connections=resolved.max_connections or 512,
-            idle_timeout=resolved.idle_timeout or 60.0,
-            breaker=resolved.circuit_breaker,
-        )
-        for endpoint in resolved.endpoints
-    ]
-    return Upstream(
-        name=name,
-        endpoints=endpoints,
-        load_balance=resolved.load_balance or "round-robin",
-        policy=_policy(resolved),
-        hash_on=resolved.hash_on,
-        health_check=resolved.health_check,
-        previous=registry.upstreams.get(name),
-    )
+    members = [(endpoint.url, endpoint.weight) for endpoint in resolved.endpoints]
+    return _assemble(name, resolved, members, registry, tls=resolved.tls)
 
 
 def build_route(
