@@ -109,9 +109,6 @@ class RedisLink:
 
     def failed(self, error: BaseException) -> None:
         self.failures += 1
-        import traceback
-
-        traceback.print_exception(error)
         self._retry_at = time.monotonic() + self.retry_interval
         if self.up:
             self.up = False
