@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
+from tests.e2e.helpers import GatewayProcess, start_gateway
 from tests.support.gateway import GatewayServer, MakeGateway
 
 
@@ -24,3 +26,22 @@ def make_gateway() -> Iterator[MakeGateway]:
     yield make
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def gateway_factory() -> Iterator[Callable[..., GatewayProcess]]:
+    """``start_gateway`` (the real ``octopus run`` process); every process it started is
+    stopped (or killed) at teardown."""
+    started: list[GatewayProcess] = []
+
+    def start(config: Any, *extra_args: str, **options: Any) -> GatewayProcess:
+        handle = start_gateway(config, *extra_args, **options)
+        started.append(handle)
+        return handle
+
+    yield start
+    for handle in started:
+        if handle.proc.poll() is None:
+            with contextlib.suppress(AssertionError):
+                handle.stop(timeout=20)
+        handle.close()

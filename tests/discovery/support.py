@@ -17,6 +17,7 @@ from gateway.asgi import GatewayApp, create_app
 from gateway.discovery.base import DiscoveredInstance, DiscoveryBackend
 from gateway.farp.publish import inline_schema, make_manifest
 from tests.support.servers import ThreadedServer
+from tests.support.waiting import eventually as wait_until
 
 T = TypeVar("T")
 
@@ -29,16 +30,8 @@ Snapshot = list[DiscoveredInstance]
 def eventually(
     predicate: Callable[[], T], *, timeout: float = DEADLINE, message: str | Callable[[], str] = ""
 ) -> T:
-    """Poll ``predicate`` (in this thread) until it is truthy (returned) or time runs out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            text = message() if callable(message) else message
-            raise AssertionError(text or f"condition not met within {timeout}s")
-        time.sleep(0.02)
+    """``tests.support.waiting.eventually`` with this folder's deadline."""
+    return wait_until(predicate, timeout=timeout, interval=0.02, message=message)
 
 
 async def until(

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import threading
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +18,7 @@ from gateway.asgi import GatewayApp, create_app
 from gateway.runtime import Gateway
 from tests.support.servers import ThreadedServer
 from tests.support.upstream import UpstreamApp
+from tests.support.waiting import eventually as wait_until
 
 T = TypeVar("T")
 
@@ -36,16 +36,8 @@ def eventually(
     interval: float = 0.02,
     message: str | Callable[[], str] = "",
 ) -> T:
-    """Poll ``predicate`` until it returns something truthy (returned) or time runs out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            text = message() if callable(message) else message
-            raise AssertionError(text or f"condition not met within {timeout}s")
-        time.sleep(interval)
+    """``tests.support.waiting.eventually`` with this folder's deadline."""
+    return wait_until(predicate, timeout=timeout, interval=interval, message=message)
 
 
 def base_config(discovery: dict[str, Any], **sections: Any) -> dict[str, Any]:

@@ -7,14 +7,12 @@ The SIGTERM test runs the real ``octopus`` process (``gateway_factory``).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
-from tests.e2e.helpers import GatewayProcess, start_gateway
 from tests.support.controlled import ControlledUpstream, MakeControlled
 
 
@@ -32,21 +30,3 @@ def make_upstream() -> Iterator[MakeControlled]:
     # In parallel: each uvicorn takes a main-loop tick (~0.1 s) or more to stop.
     with ThreadPoolExecutor(max(len(started), 1)) as pool:
         list(pool.map(ControlledUpstream.stop, started))
-
-
-@pytest.fixture
-def gateway_factory() -> Iterator[Callable[..., GatewayProcess]]:
-    """``start_gateway`` (the real ``octopus run`` process), stopped at teardown."""
-    started: list[GatewayProcess] = []
-
-    def start(config: Any, *extra_args: str, **options: Any) -> GatewayProcess:
-        handle = start_gateway(config, *extra_args, **options)
-        started.append(handle)
-        return handle
-
-    yield start
-    for handle in started:
-        if handle.proc.poll() is None:
-            with contextlib.suppress(AssertionError):
-                handle.stop(timeout=20)
-        handle.close()

@@ -10,14 +10,22 @@ T = TypeVar("T")
 
 
 def eventually(
-    predicate: Callable[[], T], *, timeout: float = 5.0, interval: float = 0.01, message: str = ""
+    predicate: Callable[[], T],
+    *,
+    timeout: float = 5.0,
+    interval: float = 0.01,
+    message: str | Callable[[], str] = "",
 ) -> T:
-    """Poll ``predicate`` until it returns a truthy value (returned) or the deadline passes."""
+    """Poll ``predicate`` until it returns a truthy value (returned) or the deadline passes.
+
+    ``message`` may be a callable, evaluated only on failure (to show the last state).
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(message or f"condition not met within {timeout}s")
+            text = message() if callable(message) else message
+            raise AssertionError(text or f"condition not met within {timeout}s")
         time.sleep(interval)
